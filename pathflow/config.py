@@ -1,0 +1,176 @@
+"""The one configuration model every entry point shares (CLI, flows, tasks, tests).
+
+Loaded from YAML; unknown keys are errors that name the key. ``--store URL`` and the
+``PATHFLOW_STORE`` environment variable override ``store.url`` (CLI wins over env).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+REAL_CONDITIONS = [
+    "safe_baseline",
+    "safe_with_safe_patch",
+    "safe_with_risky_patch",
+    "risky_baseline",
+    "risky_with_safe_patch",
+    "risky_with_risky_patch",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says what to fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StudyConfig(_Strict):
+    checkpoints: list[str] = Field(default_factory=list, description="files, folders or globs of checkpoint JSON")
+    response_logs: list[str] = Field(default_factory=list, description="files, folders or globs of response logs")
+    summary_csv: str | None = None
+    conditions: list[str] = Field(default_factory=lambda: list(REAL_CONDITIONS))
+    prompts: str | None = Field(None, description="prompts.json with the study's 'safe' and 'risky' prompts")
+
+    @field_validator("checkpoints", "response_logs", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = "meta-llama/Llama-3.1-8B"
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+
+
+class SAEConfig(_Strict):
+    root: str = "fnlp/Llama3_1-8B-Base-LXR-8x"
+    pattern: str = "Llama3_1-8B-Base-L{layer}R-8x"
+    threshold: Union[Literal["jumprelu", "zero"], float] = "zero"
+    revision: str | None = None
+
+
+class SelectionConfig(_Strict):
+    top_per_layer: int = Field(50, ge=1)
+    rank_by: Literal["cohen_d", "effect_size"] = "cohen_d"
+    layers: list[int] | None = None
+    direction: Literal["safe", "risky"] | None = None
+
+
+class GradientsConfig(_Strict):
+    batch_size: int = Field(8, ge=1)
+    position: int = Field(-1, description="token position of the target (negative counts from the end)")
+
+
+class TopkConfig(_Strict):
+    k: int = Field(25, ge=1)
+    score: Literal["attribution", "gradient"] = "attribution"
+    min_abs_gradient: float = Field(0.0, ge=0.0)
+
+
+class ReplayConfig(_Strict):
+    intervention: Literal["ablate"] = "ablate"
+    scale: float = Field(1.0, gt=0.0, le=1.0, description="fraction of the activation removed by 'ablate'")
+    min_sign_agreement: float = Field(0.7, ge=0.0, le=1.0)
+
+
+class StoreConfig(_Strict):
+    url: str = "./pathflow-store"
+
+
+class Config(_Strict):
+    study: StudyConfig = Field(default_factory=StudyConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sae: SAEConfig = Field(default_factory=SAEConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    gradients: GradientsConfig = Field(default_factory=GradientsConfig)
+    topk: TopkConfig = Field(default_factory=TopkConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+
+    def hash(self) -> str:
+        """sha256 of the canonical JSON of the resolved config."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{key}'")
+        else:
+            lines.append(f"  {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(data: dict, base: Path) -> dict:
+    """Relative local paths in a config file are relative to the file, not the cwd."""
+
+    def fix(p):
+        if not isinstance(p, str) or "://" in p or os.path.isabs(p):
+            return p
+        return str((base / p).resolve())
+
+    study = data.get("study")
+    if isinstance(study, dict):
+        for key in ("checkpoints", "response_logs"):
+            v = study.get(key)
+            if isinstance(v, str):
+                study[key] = fix(v)
+            elif isinstance(v, list):
+                study[key] = [fix(x) for x in v]
+        for key in ("summary_csv", "prompts"):
+            if key in study:
+                study[key] = fix(study[key])
+    for section, key in (("model", "name_or_path"), ("sae", "root"), ("store", "url")):
+        sec = data.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(key), str):
+            v = sec[key]
+            # only rewrite what exists locally relative to the file: hub ids stay as they are
+            if v.startswith(".") or (base / v).exists():
+                sec[key] = fix(v)
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, store: str | None = None) -> Config:
+    """Read a YAML config (or defaults when ``path`` is None) and apply store overrides."""
+    data: dict = {}
+    source = "(defaults)"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {p} must be a mapping of sections, got {type(data).__name__}")
+        data = _resolve_paths(data, p.resolve().parent)
+    env_store = os.environ.get("PATHFLOW_STORE")
+    if store or env_store:
+        data.setdefault("store", {})
+        if not isinstance(data["store"], dict):
+            raise ConfigError(f"config {source}: 'store' must be a mapping")
+        data["store"]["url"] = store or env_store
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source)) from None
+
+
+def dump_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,93 @@
+"""Step 3A: the Jacobian of a target feature's pre-activation w.r.t. every upstream SAE feature.
+
+No SAE is spliced into the model. Writing the residual stream at upstream layer l as
+``h_l = (f_l @ W_D + b_D)/s_l + err_l`` (err_l held fixed), the chain rule gives::
+
+    J_l = ∂pre_t/∂f_l = (W_D / s_l) @ g_l        g_l = ∂pre_t/∂h_l  (the model's own gradient)
+
+so a single backward from ``pre_t`` yields g_l for every upstream layer l < t at once.
+``attribution_l = -J_l ⊙ f_l`` is the first-order change of pre_t when each feature is ablated.
+Everything is taken at one token position p (default the last prompt token): an upstream
+feature at p can only reach the target at p through the layers in between.
+
+Batching: targets of one layer share the prompt and differ only in their seed
+``s_t·W_E[:, t]``; k targets are run as k copies of the prompt, row i seeded with target i,
+so one backward gives k vector–Jacobian products. Memory grows with k (the batch to halve
+on out-of-memory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model import resid_hooks, run
+from .sae import SAE
+
+
+@dataclass
+class TargetJacobians:
+    """Gradients of k targets of one layer on one prompt.
+
+    grad:        [k, n_up, d_sae]   J_l for upstream layers ``layers`` (l < target layer)
+    activation:  [n_up, d_sae]      f_l at the position (shared by the k targets)
+    attribution: [k, n_up, d_sae]   -J ⊙ f
+    pre:         [k]                the targets' pre-activations at the position
+    """
+
+    layer: int
+    features: list[int]
+    layers: list[int]
+    position: int
+    grad: torch.Tensor
+    activation: torch.Tensor
+    attribution: torch.Tensor
+    pre: torch.Tensor
+
+
+def target_pre(sae: SAE, h: torch.Tensor, features: list[int] | torch.Tensor) -> torch.Tensor:
+    """Pre-activation of row i's own target: h [k, d_model] -> [k]."""
+    idx = torch.as_tensor(features, device=h.device)
+    return (sae.scale * h * sae.W_enc[idx]).sum(-1) + sae.b_enc[idx]
+
+
+def jacobians(
+    model,
+    saes: dict[int, SAE],
+    input_ids: torch.Tensor,
+    layer: int,
+    features: list[int],
+    position: int = -1,
+) -> TargetJacobians:
+    """Jacobians of targets ``features`` of SAE ``layer`` on one prompt ``input_ids`` [1, seq].
+
+    ``saes`` must hold the target layer and every upstream layer 0..layer-1.
+    """
+    k = len(features)
+    up = list(range(layer))
+    ids = input_ids.expand(k, -1)
+    with torch.enable_grad(), resid_hooks(
+        model, capture=set(up) | {layer}, stop_after=layer, grad_from_embeddings=True
+    ) as hs:
+        run(model, ids)
+        pre = target_pre(saes[layer], hs[layer][:, position], features)  # [k]
+        # rows are independent copies, so d(sum pre)/d h_l[i] is target i's gradient
+        gs = torch.autograd.grad(pre.sum(), [hs[l] for l in up]) if up else []
+    sae_dtype = saes[layer].W_enc.dtype
+    grad = torch.stack(
+        [(g[:, position].to(sae_dtype) @ saes[l].W_dec) / saes[l].scale for l, g in zip(up, gs)], dim=1
+    ) if up else torch.zeros(k, 0, saes[layer].d_sae)
+    with torch.no_grad():
+        act = torch.stack([saes[l].encode(hs[l][0, position].detach().to(sae_dtype)) for l in up]) if up \
+            else torch.zeros(0, saes[layer].d_sae)
+    return TargetJacobians(
+        layer=layer,
+        features=list(features),
+        layers=up,
+        position=position,
+        grad=grad.detach().float(),
+        activation=act.float(),
+        attribution=(-grad.detach() * act).float(),
+        pre=pre.detach().float(),
+    )

@@ -1,0 +1,159 @@
+"""The language model: loading through transformers, and hooks on the residual stream.
+
+``resid_post`` of layer n (what LlamaScope SAE ``L{n}R`` reads) is the *output* of
+``model.model.layers[n]``. We hook that output rather than use ``hidden_states[n+1]``:
+for the last layer transformers puts the final-norm output there instead.
+Decoder layers return a tensor in transformers ≥ 4.5x / 5.x and a tuple before; the hooks
+handle both (``output[0]`` on a tensor would silently take batch row 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that cannot be loaded; the message names it."""
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the last layer we need has run: later layers are wasted work."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(name_or_path: str, revision: str | None = None, dtype: str = "float32", device: str = "auto"):
+    """Load a causal LM and its tokenizer (local folder or hub id; offline-aware, no remote code).
+
+    Returns (model, tokenizer); the model is in eval mode with frozen parameters.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    kw = dict(revision=revision, local_files_only=offline or os.path.isdir(name_or_path), trust_remote_code=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], **kw)
+    except (OSError, ValueError) as e:
+        hint = " (HF_HUB_OFFLINE is set: the model must be in the local cache)" if offline else ""
+        raise ModelLoadError(f"cannot load model {name_or_path!r}{hint}: {e}") from None
+    model.to(resolve_device(device)).eval().requires_grad_(False)
+    return model, tok
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """``model.model.layers`` of a LLaMA-family causal LM."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ModelLoadError(f"{type(model).__name__} has no .model.layers: not a LLaMA-family decoder")
+    return layers
+
+
+def n_layers(model) -> int:
+    return len(decoder_layers(model))
+
+
+def layer_hidden(output) -> torch.Tensor:
+    """The residual stream [batch, seq, d_model] from a decoder layer's output, tensor or tuple."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def replace_hidden(output, hidden: torch.Tensor):
+    """``output`` with its residual stream replaced, keeping the container type."""
+    if isinstance(output, tuple):
+        return (hidden,) + tuple(output[1:])
+    if isinstance(output, list):
+        return [hidden] + list(output[1:])
+    return hidden
+
+
+Edit = Callable[[torch.Tensor], torch.Tensor]
+
+
+@contextmanager
+def resid_hooks(
+    model,
+    capture: set[int] = frozenset(),
+    edits: dict[int, Edit] | None = None,
+    stop_after: int | None = None,
+    grad_from_embeddings: bool = False,
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Hook ``resid_post`` of decoder layers.
+
+    capture: layers whose output [batch, seq, d_model] is stored in the yielded dict (after edits);
+    edits: layer -> fn(hidden) -> hidden, applied to that layer's output;
+    stop_after: abort the forward once this layer has run (use with ``run``);
+    grad_from_embeddings: make the embedding output a grad-requiring leaf, so that the
+        residual stream is differentiable while the parameters stay frozen.
+    """
+    edits = edits or {}
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+    layers = decoder_layers(model)
+
+    def make(n: int):
+        def hook(_mod, _inp, output):
+            h = layer_hidden(output)
+            changed = n in edits
+            if changed:
+                h = edits[n](h)
+            if n in capture:
+                store[n] = h
+            if stop_after is not None and n == stop_after:
+                raise _StopForward
+            return replace_hidden(output, h) if changed else None
+
+        return hook
+
+    try:
+        for n in sorted(set(capture) | set(edits) | ({stop_after} if stop_after is not None else set())):
+            handles.append(layers[n].register_forward_hook(make(n)))
+        if grad_from_embeddings:
+            emb = model.get_input_embeddings()
+            handles.append(emb.register_forward_hook(lambda _m, _i, out: out.detach().requires_grad_(True)))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run(model, input_ids: torch.Tensor) -> None:
+    """Forward ``input_ids`` [batch, seq]; a ``stop_after`` hook ends it early."""
+    try:
+        model.model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+
+
+def resid_post(model, input_ids: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    """resid_post of ``layers`` for ``input_ids`` [batch, seq] -> {layer: [batch, seq, d_model]}."""
+    with torch.no_grad(), resid_hooks(model, capture=set(layers), stop_after=max(layers)) as store:
+        run(model, input_ids)
+    return dict(store)
+
+
+def encode_prompt(tokenizer, text: str, device) -> torch.Tensor:
+    """Token ids [1, seq] of a prompt, with the tokenizer's BOS as in the study's generation."""
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    return ids.to(device)
+
+
+def unembed(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final norm weight [d_model], unembedding [vocab, d_model]) for a logit lens."""
+    inner = getattr(model, "model", model)
+    return inner.norm.weight, model.get_output_embeddings().weight
