@@ -15,6 +15,8 @@ from typing import Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .errors import PathflowError
+
 REAL_CONDITIONS = [
     "safe_baseline",
     "safe_with_safe_patch",
@@ -25,7 +27,7 @@ REAL_CONDITIONS = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(PathflowError, ValueError):
     """A configuration that cannot be used; the message says what to fix."""
 
 

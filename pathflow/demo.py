@@ -80,7 +80,14 @@ def _corpus(rng: random.Random, n: int = 160) -> list[str]:
 
 def _tokenizer(corpus: list[str], vocab_size: int):
     """Byte-level BPE with LLaMA-3's special tokens, wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -251,7 +258,9 @@ def write_demo(directory: str | Path = "pathflow-demo", seed: int = 0) -> Path:
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
 
-    from .model import resid_post  # after training: read the model the SAEs will be used on
+    from .model import (
+        resid_post,  # after training: read the model the SAEs will be used on
+    )
 
     n_layers, d_model = cfg.num_hidden_layers, cfg.hidden_size
     d_sae = EXPANSION * d_model

@@ -74,13 +74,14 @@ def jacobians(
         pre = target_pre(saes[layer], hs[layer][:, position], features)  # [k]
         # rows are independent copies, so d(sum pre)/d h_l[i] is target i's gradient
         gs = torch.autograd.grad(pre.sum(), [hs[l] for l in up]) if up else []
-    sae_dtype = saes[layer].W_enc.dtype
-    grad = torch.stack(
-        [(g[:, position].to(sae_dtype) @ saes[l].W_dec) / saes[l].scale for l, g in zip(up, gs)], dim=1
-    ) if up else torch.zeros(k, 0, saes[layer].d_sae)
-    with torch.no_grad():
-        act = torch.stack([saes[l].encode(hs[l][0, position].detach().to(sae_dtype)) for l in up]) if up \
-            else torch.zeros(0, saes[layer].d_sae)
+    dtype, d_sae = saes[layer].W_enc.dtype, saes[layer].d_sae
+    # J_l = g_l @ W_dec / s_l : [k, d_model] @ [d_model, d_sae]
+    grad = torch.zeros(k, 0, d_sae, dtype=dtype, device=ids.device)
+    act = torch.zeros(0, d_sae, dtype=dtype, device=ids.device)
+    if up:
+        grad = torch.stack([(g[:, position].to(dtype) @ saes[l].W_dec) / saes[l].scale for l, g in zip(up, gs)], 1)
+        with torch.no_grad():
+            act = torch.stack([saes[l].encode(hs[l][0, position].detach().to(dtype)) for l in up])
     return TargetJacobians(
         layer=layer,
         features=list(features),
@@ -88,6 +89,6 @@ def jacobians(
         position=position,
         grad=grad.detach().float(),
         activation=act.float(),
-        attribution=(-grad.detach() * act).float(),
+        attribution=(-grad.detach() * act).float(),  # −J ⊙ f
         pre=pre.detach().float(),
     )

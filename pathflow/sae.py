@@ -24,6 +24,8 @@ from typing import Union
 import torch
 from safetensors import safe_open
 
+from .errors import PathflowError
+
 log = logging.getLogger(__name__)
 
 WEIGHTS = "checkpoints/final.safetensors"
@@ -31,7 +33,7 @@ HYPERPARAMS = "hyperparams.json"
 Threshold = Union[str, float]
 
 
-class SAELoadError(RuntimeError):
+class SAELoadError(PathflowError, RuntimeError):
     """An SAE that cannot be found or read; the message names the path."""
 
 
@@ -84,7 +86,7 @@ class SAE:
         """∂x̂/∂f_feature = W_D[feature] / s  [d_model]: what one unit of the feature writes."""
         return self.W_dec[:, feature] / self.scale
 
-    def to(self, device=None, dtype=None) -> "SAE":
+    def to(self, device=None, dtype=None) -> SAE:
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             setattr(self, name, getattr(self, name).to(device=device, dtype=dtype))
         return self

@@ -19,9 +19,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from .config import Config
+from .errors import PathflowError
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,11 @@ def _file_time(path: Path, body: dict) -> str:
     return m.group(1) if m else f"mtime:{path.stat().st_mtime:020.6f}"
 
 
+def _reject_constant(name: str):
+    # NaN/Infinity are not JSON: reject them rather than let them into the math
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def read_json(path: Path, f: Findings):
     try:
         text = path.read_text(encoding="utf-8")
@@ -178,8 +184,7 @@ def read_json(path: Path, f: Findings):
             f.error("empty_file", "file is empty", str(path))
             return None
         try:
-            # NaN/Infinity are not JSON: reject them rather than let them into the math
-            return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} is not valid JSON")))
+            return json.loads(text, parse_constant=_reject_constant)
         except (json.JSONDecodeError, ValueError) as e:
             f.error("bad_json", f"not valid JSON: {e}", str(path))
     return None
@@ -389,17 +394,17 @@ def select(features: dict[str, FeatureResult], cfg: Config, include: list[str] =
 def load_prompts(path: str | None) -> dict[str, str]:
     """The study's prompts.json -> {"safe": text, "risky": text}."""
     if not path:
-        raise ValueError("study.prompts is not set: point it at the study's prompts.json")
+        raise PathflowError("study.prompts is not set: point it at the study's prompts.json")
     p = Path(path)
     f = Findings()
     body = read_json(p, f)
     if body is None:
-        raise ValueError(f"{f.errors[0].message}: {p}" if f.errors else f"cannot read {p}")
+        raise PathflowError(f"study.prompts: {f.errors[0].message}: {p}" if f.errors else f"cannot read {p}")
     if not isinstance(body, dict):
-        raise ValueError(f"{p}: prompts must be an object with 'safe' and 'risky'")
+        raise PathflowError(f"{p}: prompts must be an object with 'safe' and 'risky'")
     prompts = {k: body[k] for k in ("safe", "risky") if isinstance(body.get(k), str) and body[k]}
     if not prompts:
-        raise ValueError(f"{p}: no 'safe' or 'risky' prompt text found")
+        raise PathflowError(f"{p}: no 'safe' or 'risky' prompt text found")
     return prompts
 
 

@@ -57,7 +57,7 @@ class Store:
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
 
-    def run(self, run_id: str) -> "Run":
+    def run(self, run_id: str) -> Run:
         return Run(self, run_id)
 
     def run_ids(self) -> list[str]:

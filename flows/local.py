@@ -1,0 +1,68 @@
+"""``pathflow local``: one causal feature through every step of DESIGN §1, as one flow run."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact
+
+from pathflow.config import Config
+from pathflow.errors import PathflowError, quiet_user_errors
+from pathflow.provenance import provenance
+from storage.store import Store, git_commit, new_run_id
+from tasks.common import step
+from tasks.integrate import integrate_features
+from tasks.pathways import replay_candidates, target_jacobians, topk_candidates
+from tasks.study import audit_study, select_features
+from tasks.tokens import token_associations
+
+quiet_user_errors()
+
+
+@flow(name="pathflow-local", flow_run_name="local-{run_id}", log_prints=True)
+def local_flow(config: Config, run_id: str, feature: str | None = None) -> dict:
+    """Audit → select → Jacobians → top-k → replay → tokens → integrate, for one feature."""
+    logger = get_run_logger()
+    store_url = config.store.url
+    run = Store(store_url).run(run_id)
+    run.start({**provenance(config), "git_commit": git_commit(), "kind": "local", "feature": feature})
+    t0 = time.perf_counter()
+    try:
+        audited = audit_study(config, store_url, run_id)
+        sel = select_features(config, store_url, run_id, audited, feature)
+        target = sel["target"]
+        logger.info("tracing %s (layer %d)", target["feature"], target["layer"])
+        run.update(sae={**run.manifest()["sae"], **provenance(config, list(range(target["layer"] + 1)))["sae"]})
+        tjs = target_jacobians(config, store_url, run_id, target, 0, [target["feature"]])
+        cands = topk_candidates(config, store_url, run_id, target, tjs)
+        replayed = replay_candidates(config, store_url, run_id, target, cands)
+        tokens = token_associations(config, store_url, run_id, [target])
+        records = integrate_features(config, store_url, run_id, [target], audited["features"],
+                                     {target["feature"]: replayed}, tokens)
+        with step(run, "prototype"):
+            steps = run.manifest()["steps"]
+            proto = {"target": target, "seconds": {k: v.get("seconds") for k, v in steps.items()},
+                     "wall_seconds": round(time.perf_counter() - t0, 3), "record": records[0]}
+            run.write_json("prototype/single_feature_test.json", proto)
+        manifest = run.complete()
+    except BaseException as e:
+        run.fail(f"{type(e).__name__}: {e}")
+        raise
+    create_link_artifact(key="pathflow-run-folder", link=run.url, description=f"run folder of {run_id}")
+    return {"run_id": run_id, "run_url": run.url, "status": manifest["status"], "target": target,
+            "record": records[0], "seconds": proto["seconds"]}
+
+
+def run_local(config: Config, feature: str | None = None, run_id: str | None = None) -> dict:
+    """Run the flow; a failed run raises PathflowError with the failure's message."""
+    state = local_flow(config=config, run_id=run_id or new_run_id(), feature=feature, return_state=True)
+    if not state.is_completed():
+        try:
+            state.result()
+        except PathflowError:
+            raise
+        except Exception as e:
+            raise PathflowError(f"flow run {state.name}: {type(e).__name__}: {e}") from e
+        raise PathflowError(f"flow run ended {state.name}: {state.message}")
+    return state.result()

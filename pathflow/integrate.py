@@ -1,0 +1,82 @@
+"""Step 5: one record per feature joining the study, selection, pathways and tokens."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+
+def feature_record(selected: dict, study_values: dict, pathways: dict, tokens: dict) -> dict:
+    """Join steps 1–4 for one feature.
+
+    selected: the step-1 record; study_values: the study's own numbers for the feature;
+    pathways: {prompt: {"faithfulness", "candidates": [replayed records]}};
+    tokens: the step-4 views of the feature.
+    """
+    validated = {
+        prompt: [c for c in p["candidates"] if c["sign_agrees"]] for prompt, p in pathways.items()
+    }
+    return {
+        "feature": selected["feature"],
+        "layer": selected["layer"],
+        "feature_id": selected["feature_id"],
+        "direction": selected["direction"],
+        "study": study_values,
+        "selection": {k: selected[k] for k in ("rank_key", "rank_value", "rank")},
+        "faithfulness": {prompt: p["faithfulness"] for prompt, p in pathways.items()},
+        "pathways": validated,
+        "tokens": tokens,
+    }
+
+
+def summary_rows(records: list[dict]) -> list[dict]:
+    rows = []
+    for r in records:
+        for prompt, faith in r["faithfulness"].items():
+            top = r["pathways"][prompt][0] if r["pathways"][prompt] else None
+            rows.append({
+                "feature": r["feature"], "direction": r["direction"], "prompt": prompt,
+                "n_candidates": faith["n_candidates"], "n_validated": len(r["pathways"][prompt]),
+                "sign_agreement": faith["sign_agreement"], "pearson": faith["pearson"],
+                "spearman": faith["spearman"], "validated": faith["validated"],
+                "top_upstream": top["feature"] if top else "",
+                "top_attribution": top["attribution"] if top else "",
+                "top_promoted_token": r["tokens"]["writes"]["promoted"][0]["token"]
+                if r["tokens"].get("writes") else "",
+            })
+    return rows
+
+
+def to_csv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _fmt(x) -> str:
+    return "–" if x is None else (f"{x:+.4g}" if isinstance(x, float) else str(x))
+
+
+def report_md(records: list[dict], run_id: str) -> str:
+    lines = [f"# pathflow run {run_id}", ""]
+    for r in records:
+        lines += [f"## {r['feature']} ({r['direction']})", "",
+                  f"Selected by |{r['selection']['rank_key']}| = {_fmt(r['selection']['rank_value'])} "
+                  f"(rank {r['selection']['rank']} in layer {r['layer']}).", ""]
+        for prompt, faith in r["faithfulness"].items():
+            lines += [f"### prompt `{prompt}`: sign agreement {_fmt(faith['sign_agreement'])}, "
+                      f"Pearson {_fmt(faith['pearson'])}, Spearman {_fmt(faith['spearman'])}", "",
+                      "| upstream | attribution | predicted Δpre | actual Δpre |", "|---|---|---|---|"]
+            for c in r["pathways"][prompt][:10]:
+                lines.append(f"| {c['feature']} | {_fmt(c['attribution'])} | {_fmt(c['predicted_change'])} "
+                             f"| {_fmt(c['actual_change'])} |")
+            lines.append("")
+        w = r["tokens"].get("writes")
+        if w:
+            lines += ["Promotes: " + ", ".join(f"`{t['token']!r}`" for t in w["promoted"][:8]),
+                      "", "Suppresses: " + ", ".join(f"`{t['token']!r}`" for t in w["suppressed"][:8]), ""]
+    return "\n".join(lines) + "\n"

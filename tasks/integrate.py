@@ -1,0 +1,29 @@
+"""Step 5 as a Prefect task: integrated records, summary table, report."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+
+from pathflow.config import Config
+from pathflow.integrate import feature_record, report_md, summary_rows, to_csv
+
+from .common import open_run, step
+
+
+@task(name="integrate", task_run_name="integrate", cache_policy=NONE)
+def integrate_features(cfg: Config, store_url: str, run_id: str, targets: list[dict], study: dict,
+                       pathways: dict, tokens: dict) -> list[dict]:
+    run = open_run(store_url, run_id)
+    with step(run, "integrate"):
+        records = [feature_record(t, study[t["feature"]]["values"], pathways[t["feature"]], tokens[t["feature"]])
+                   for t in targets]
+        rows = summary_rows(records)
+        run.write_json("integrated/features.json", {"run_id": run_id, "features": records})
+        run.write_text("integrated/summary.csv", to_csv(rows))
+        md = report_md(records, run_id)
+        run.write_text("integrated/report.md", md)
+    create_table_artifact(key="pathflow-pathways", table=rows, description=f"pathways of run {run_id}")
+    create_markdown_artifact(key="pathflow-report", markdown=md, description=f"report of run {run_id}")
+    return records

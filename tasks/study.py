@@ -1,0 +1,64 @@
+"""Steps 0–1 as Prefect tasks: audit the study, select the causal features."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from pathflow.config import Config
+from pathflow.errors import PathflowError
+from pathflow.study import audit, parse_feature, select
+
+from .common import open_run, step
+
+
+@task(name="audit", task_run_name="audit", cache_policy=NONE)
+def audit_study(cfg: Config, store_url: str, run_id: str) -> dict:
+    run = open_run(store_url, run_id)
+    with step(run, "audit"):
+        report, features = audit(cfg)
+        run.write_json("audit/data_validation.json", report)
+    logger = get_run_logger()
+    c = report["counts"]
+    logger.info("audit: %d features, %d causal, %d errors, %d warnings", c["features_total"],
+                c["causal_total"], len(report["errors"]), len(report["warnings"]))
+    for e in report["errors"][:10]:
+        logger.warning("study error %s: %s (%s, record %s)", e["code"], e["message"], e["file"], e["record"])
+    return {"report": report, "features": {k: v.model_dump() for k, v in features.items()}}
+
+
+@task(name="select", task_run_name="select", cache_policy=NONE)
+def select_features(cfg: Config, store_url: str, run_id: str, audited: dict, feature: str | None = None) -> dict:
+    """Top-N causal features per layer, plus the one feature the prototype traces."""
+    from pathflow.study import FeatureResult
+
+    run = open_run(store_url, run_id)
+    with step(run, "select"):
+        features = {k: FeatureResult(**v) for k, v in audited["features"].items()}
+        include = [feature] if feature else []
+        selected = select(features, cfg, include=include)
+        run.write_json("features/causal_features.json", {"selection": cfg.selection.model_dump(),
+                                                          "n_selected": len(selected), "features": selected})
+        if feature:
+            if parse_feature(feature) is None:
+                raise PathflowError(f"--feature {feature!r} is not of the form L{{layer}}-{{id}}, e.g. L3-142")
+            ranges = audited["report"]["ranges"]
+            layer, fid = parse_feature(feature)
+            if ranges["n_layers"] is not None and layer >= ranges["n_layers"]:
+                raise PathflowError(f"--feature {feature}: layer {layer} is beyond the model "
+                                    f"(layers 0..{ranges['n_layers'] - 1})")
+            if ranges["d_sae"] is not None and fid >= ranges["d_sae"]:
+                raise PathflowError(f"--feature {feature}: id {fid} ≥ d_sae = {ranges['d_sae']}")
+            chosen = next((s for s in selected if s["feature"] == feature), None)
+            if chosen is None:
+                raise PathflowError(f"--feature {feature} is not in the study's results; causal features: "
+                                    + ", ".join(s["feature"] for s in selected[:12]))
+        else:
+            eligible = [s for s in selected if s["layer"] > 0]  # layer 0 has no upstream SAE features
+            if not eligible:
+                raise PathflowError("no causal feature above layer 0 to trace; check study.checkpoints "
+                                    "and audit/data_validation.json")
+            chosen = max(eligible, key=lambda s: (s["rank_value"] or 0, s["layer"]))
+        if chosen["layer"] == 0:
+            raise PathflowError(f"{chosen['feature']} is in layer 0: it has no upstream SAE features to trace")
+    return {"selected": selected, "target": chosen}
