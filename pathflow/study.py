@@ -367,15 +367,17 @@ def audit(cfg: Config) -> tuple[dict, dict[str, FeatureResult]]:
 
 
 def select(features: dict[str, FeatureResult], cfg: Config, include: list[str] = ()) -> list[dict]:
-    """Step 1: causal features, top-N per layer by |rank key| (cohen_d, else effect size)."""
+    """Step 1: causal features, top-N per layer by |rank key| (cohen_d, else effect size).
+
+    Features named in ``include`` are kept whatever their rank (and even when not causal);
+    ``rank`` is always the feature's rank among its layer's candidates.
+    """
     sel = cfg.selection
     by_layer: dict[int, list[tuple[float, str, FeatureResult]]] = defaultdict(list)
     for r in features.values():
-        if not r.is_causal and r.feature not in include:
-            continue
-        if sel.layers is not None and r.layer not in sel.layers:
-            continue
-        if sel.direction is not None and r.direction != sel.direction:
+        forced = r.feature in include
+        if not forced and (not r.is_causal or (sel.layers is not None and r.layer not in sel.layers)
+                           or (sel.direction is not None and r.direction != sel.direction)):
             continue
         key = sel.rank_by if (sel.rank_by == "cohen_d" and r.cohen_d is not None) else "effect_size"
         value = r.cohen_d if key == "cohen_d" else r.effect_size
@@ -383,10 +385,13 @@ def select(features: dict[str, FeatureResult], cfg: Config, include: list[str] =
     out = []
     for layer in sorted(by_layer):
         ranked = sorted(by_layer[layer], key=lambda t: (-t[0], t[2].feature_id))
-        for rank, (v, key, r) in enumerate(ranked[: sel.top_per_layer], start=1):
+        for rank, (v, key, r) in enumerate(ranked, start=1):
+            if rank > sel.top_per_layer and r.feature not in include:
+                continue
             out.append({"feature": r.feature, "layer": r.layer, "feature_id": r.feature_id,
                         "direction": r.direction, "cohen_d": r.cohen_d, "effect_size": r.effect_size,
                         "rank_key": key, "rank_value": None if v < 0 else v, "rank": rank,
+                        "reason": "requested" if r.feature in include else f"top {sel.top_per_layer} in layer",
                         "source_file": r.source_file})
     return out
 

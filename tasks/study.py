@@ -51,8 +51,9 @@ def select_features(cfg: Config, store_url: str, run_id: str, audited: dict, fea
                 raise PathflowError(f"--feature {feature}: id {fid} ≥ d_sae = {ranges['d_sae']}")
             chosen = next((s for s in selected if s["feature"] == feature), None)
             if chosen is None:
-                raise PathflowError(f"--feature {feature} is not in the study's results; causal features: "
-                                    + ", ".join(s["feature"] for s in selected[:12]))
+                causal = [k for k, v in features.items() if v.is_causal]
+                raise PathflowError(f"--feature {feature} is not in the study's results; its causal features "
+                                    f"include: {', '.join(sorted(causal)[:12])}")
         else:
             eligible = [s for s in selected if s["layer"] > 0]  # layer 0 has no upstream SAE features
             if not eligible:
