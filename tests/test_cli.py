@@ -15,9 +15,17 @@ import pytest
 import zarr
 
 PATHFLOW = [sys.executable, "-m", "pathflow"]
-DESIGN_FILES = ["audit/data_validation.json", "features/causal_features.json", "prototype/single_feature_test.json",
-                "pathways/candidates.json", "pathways/validated_pathways.json", "tokens/token_associations.json",
-                "integrated/features.json", "integrated/summary.csv", "integrated/report.md"]
+DESIGN_FILES = [
+    "audit/data_validation.json",
+    "features/causal_features.json",
+    "prototype/single_feature_test.json",
+    "pathways/candidates.json",
+    "pathways/validated_pathways.json",
+    "tokens/token_associations.json",
+    "integrated/features.json",
+    "integrated/summary.csv",
+    "integrated/report.md",
+]
 
 
 def env(**extra):
@@ -27,8 +35,7 @@ def env(**extra):
 
 
 def cli(args, cwd, timeout=300, **extra):
-    return subprocess.run(PATHFLOW + args, cwd=cwd, env=env(**extra), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(PATHFLOW + args, cwd=cwd, env=env(**extra), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
@@ -38,8 +45,12 @@ def prefect_api(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env(PREFECT_HOME=str(home)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env(PREFECT_HOME=str(home)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/api"
     try:
         for _ in range(120):
@@ -78,7 +89,7 @@ def check_run(run_dir: Path) -> dict:
         assert a.dtype == np.float32 and a.shape[:3] == (1, 2, n_layers)
         v = a[:]
         assert np.isfinite(v[:, :, : target["layer"]]).all()  # upstream layers computed
-        assert np.isnan(v[:, :, target["layer"]:]).all()  # the target's own layer and above: not computed
+        assert np.isnan(v[:, :, target["layer"] :]).all()  # the target's own layer and above: not computed
     # the candidates of the run are the top |attribution| entries of the stored array
     cands = json.loads((run_dir / "pathways/candidates.json").read_text())["targets"][target["feature"]]["safe"]
     attr = g["attribution"][0, 0]
@@ -102,33 +113,49 @@ def test_local_feature_store_and_prefect_api(tmp_path, demo_dir, prefect_api):
     cfg = str(demo_dir / "config.yaml")
     causal = json.loads((demo_dir / "demo_metrics.json").read_text())["causal"]
     feature = [c for c in causal if c.startswith("L3-")][0]
-    r = cli(["local", "--config", cfg, "--feature", feature, "--store", str(tmp_path / "cli-store")],
-            cwd=tmp_path, PREFECT_API_URL=prefect_api, PATHFLOW_STORE=str(tmp_path / "env-store"))
+    r = cli(
+        ["local", "--config", cfg, "--feature", feature, "--store", str(tmp_path / "cli-store")],
+        cwd=tmp_path,
+        PREFECT_API_URL=prefect_api,
+        PATHFLOW_STORE=str(tmp_path / "env-store"),
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert not (tmp_path / "env-store").exists()  # --store wins over $PATHFLOW_STORE
     (run_dir,) = (tmp_path / "cli-store" / "runs").iterdir()
     assert check_run(run_dir)["target"]["feature"] == feature
     # the flow run is recorded by the Prefect API, Completed, under the run id
-    runs = httpx.post(f"{prefect_api}/flow_runs/filter", json={"flow_runs": {"name": {"any_": [f"local-{run_dir.name}"]}}})
+    runs = httpx.post(
+        f"{prefect_api}/flow_runs/filter", json={"flow_runs": {"name": {"any_": [f"local-{run_dir.name}"]}}}
+    )
     (fr,) = runs.json()
     assert fr["state_type"] == "COMPLETED"
     arts = httpx.post(f"{prefect_api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [fr["id"]]}}})
     assert {"pathflow-pathways", "pathflow-report", "pathflow-run-folder"} <= {a["key"] for a in arts.json()}
 
-    r = cli(["local", "--config", cfg, "--feature", feature], cwd=tmp_path, PREFECT_API_URL=prefect_api,
-            PATHFLOW_STORE=str(tmp_path / "env-store"))
+    r = cli(
+        ["local", "--config", cfg, "--feature", feature],
+        cwd=tmp_path,
+        PREFECT_API_URL=prefect_api,
+        PATHFLOW_STORE=str(tmp_path / "env-store"),
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert len(list((tmp_path / "env-store" / "runs").iterdir())) == 1  # $PATHFLOW_STORE over store.url
 
 
-@pytest.mark.parametrize("feature,message", [
-    ("L99-3", "layer 99 is beyond the model"),
-    ("L3-999999", "≥ d_sae"),
-    ("L1-1", "not in the study's results"),
-])
+@pytest.mark.parametrize(
+    "feature,message",
+    [
+        ("L99-3", "layer 99 is beyond the model"),
+        ("L3-999999", "≥ d_sae"),
+        ("L1-1", "not in the study's results"),
+    ],
+)
 def test_wrong_feature_is_a_clear_error(tmp_path, demo_dir, prefect_api, feature, message):
-    r = cli(["local", "--config", str(demo_dir / "config.yaml"), "--feature", feature, "--store", str(tmp_path)],
-            cwd=tmp_path, PREFECT_API_URL=prefect_api)
+    r = cli(
+        ["local", "--config", str(demo_dir / "config.yaml"), "--feature", feature, "--store", str(tmp_path)],
+        cwd=tmp_path,
+        PREFECT_API_URL=prefect_api,
+    )
     assert r.returncode == 1
     assert message in r.stderr and "Traceback" not in r.stdout + r.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -138,9 +165,11 @@ def test_wrong_feature_is_a_clear_error(tmp_path, demo_dir, prefect_api, feature
 def test_usage_errors_exit_2_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("sae:\n  rooot: x\n")
-    for args, message in [(["local", "--config", str(bad)], "unknown key 'sae.rooot'"),
-                          (["local", "--config", str(tmp_path / "missing.yaml")], "not found"),
-                          (["local", "--feature", "bogus"], "L{layer}-{id}")]:
+    for args, message in [
+        (["local", "--config", str(bad)], "unknown key 'sae.rooot'"),
+        (["local", "--config", str(tmp_path / "missing.yaml")], "not found"),
+        (["local", "--feature", "bogus"], "L{layer}-{id}"),
+    ]:
         r = cli(args, cwd=tmp_path)
         assert r.returncode == 2, (args, r.stderr)
         assert message in r.stderr and "Traceback" not in r.stderr
