@@ -10,10 +10,11 @@ so a single backward from ``pre_t`` yields g_l for every upstream layer l < t at
 Everything is taken at one token position p (default the last prompt token): an upstream
 feature at p can only reach the target at p through the layers in between.
 
-Batching: targets of one layer share the prompt and differ only in their seed
-``s_t·W_E[:, t]``; k targets are run as k copies of the prompt, row i seeded with target i,
-so one backward gives k vector–Jacobian products. Memory grows with k (the batch to halve
-on out-of-memory).
+Only the token at p is recomputed: positions before p cannot depend on anything at p (causal
+mask), so their keys/values are computed once per prompt and held fixed (``PrefixCache``),
+and the whole backward runs on one token. Targets of one layer differ only in their seed
+``s_t·W_E[:, t]``: k targets are k rows of that one token, row i seeded with target i, so one
+backward gives k vector–Jacobian products. Memory grows with k (the batch to halve on OOM).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import resid_hooks, run
+from .model import PrefixCache, prefix_cache, resid_hooks, run_last
 from .sae import SAE
 
 
@@ -59,34 +60,36 @@ def jacobians(
     layer: int,
     features: list[int],
     position: int = -1,
+    prefix: PrefixCache | None = None,
 ) -> TargetJacobians:
     """Jacobians of targets ``features`` of SAE ``layer`` on one prompt ``input_ids`` [1, seq].
 
-    ``saes`` must hold the target layer and every upstream layer 0..layer-1.
+    ``saes`` must hold the target layer and every upstream layer 0..layer-1; ``prefix`` (the
+    prompt's cached keys/values up to ``position``) is computed here when not given.
     """
     k = len(features)
     up = list(range(layer))
-    ids = input_ids.expand(k, -1)
+    prefix = prefix or prefix_cache(model, input_ids, position)
     with torch.enable_grad(), resid_hooks(
         model, capture=set(up) | {layer}, stop_after=layer, grad_from_embeddings=True
     ) as hs:
-        run(model, ids)
-        pre = target_pre(saes[layer], hs[layer][:, position], features)  # [k]
+        run_last(model, prefix, k)  # hs[l]: [k, 1, d_model]
+        pre = target_pre(saes[layer], hs[layer][:, -1], features)  # [k]
         # rows are independent copies, so d(sum pre)/d h_l[i] is target i's gradient
         gs = torch.autograd.grad(pre.sum(), [hs[l] for l in up]) if up else []
     dtype, d_sae = saes[layer].W_enc.dtype, saes[layer].d_sae
     # J_l = g_l @ W_dec / s_l : [k, d_model] @ [d_model, d_sae]
-    grad = torch.zeros(k, 0, d_sae, dtype=dtype, device=ids.device)
-    act = torch.zeros(0, d_sae, dtype=dtype, device=ids.device)
+    grad = torch.zeros(k, 0, d_sae, dtype=dtype, device=input_ids.device)
+    act = torch.zeros(0, d_sae, dtype=dtype, device=input_ids.device)
     if up:
-        grad = torch.stack([(g[:, position].to(dtype) @ saes[l].W_dec) / saes[l].scale for l, g in zip(up, gs)], 1)
+        grad = torch.stack([(g[:, -1].to(dtype) @ saes[l].W_dec) / saes[l].scale for l, g in zip(up, gs)], 1)
         with torch.no_grad():
-            act = torch.stack([saes[l].encode(hs[l][0, position].detach().to(dtype)) for l in up])
+            act = torch.stack([saes[l].encode(hs[l][0, -1].detach().to(dtype)) for l in up])
     return TargetJacobians(
         layer=layer,
         features=list(features),
         layers=up,
-        position=position,
+        position=prefix.position,
         grad=grad.detach().float(),
         activation=act.float(),
         attribution=(-grad.detach() * act).float(),  # −J ⊙ f

@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -159,3 +160,55 @@ def unembed(model) -> tuple[torch.Tensor, torch.Tensor]:
     """(final norm weight [d_model], unembedding [vocab, d_model]) for a logit lens."""
     inner = getattr(model, "model", model)
     return inner.norm.weight, model.get_output_embeddings().weight
+
+
+# -- the last position, against cached keys/values ------------------------------------------
+# A change at position p cannot reach positions < p (causal mask), and the keys/values of
+# positions < p do not depend on anything at p. So both the Jacobian at p and a replay at p
+# need only the single token at p pushed through the layers, attending to the cached prefix.
+
+
+def _cache_kwarg(model) -> str:
+    """transformers ≥ 5.2x names the cache argument ``cache``; earlier ones ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+
+
+@dataclass
+class PrefixCache:
+    """Keys/values of positions [0, p) of one prompt: per layer (k, v), each [1, kv_heads, p, head_dim]."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    token: torch.Tensor  # [1, 1] the token id at p
+    position: int  # p
+
+
+@torch.no_grad()
+def prefix_cache(model, input_ids: torch.Tensor, position: int = -1) -> PrefixCache:
+    """Run positions [0, p) of ``input_ids`` [1, seq] once and keep their keys/values."""
+    from transformers import DynamicCache
+
+    seq = input_ids.shape[1]
+    p = position % seq
+    if p == 0:
+        raise ValueError("the target position must have at least one token before it")
+    cache = DynamicCache(config=model.config)
+    model.model(input_ids=input_ids[:, :p], use_cache=True, **{_cache_kwarg(model): cache})
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    return PrefixCache(kv=kv, token=input_ids[:, p : p + 1], position=p)
+
+
+def run_last(model, prefix: PrefixCache, rows: int) -> None:
+    """Forward ``rows`` copies of the token at p against the cached prefix (hooks see [rows, 1, d_model])."""
+    from transformers import DynamicCache
+
+    # expand() is a view; the cache copies it once when it appends the new token's keys/values
+    cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
+                                         for k, v in prefix.kv])
+    pos = torch.full((rows, 1), prefix.position, device=prefix.token.device, dtype=torch.long)
+    try:
+        model.model(input_ids=prefix.token.expand(rows, 1), position_ids=pos, use_cache=True,
+                    **{_cache_kwarg(model): cache})
+    except _StopForward:
+        pass

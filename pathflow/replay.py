@@ -3,7 +3,10 @@
 Ablating upstream feature i of layer l at position p removes ``scale·f_i·W_D[i]/s_l`` from
 ``h_l[p]`` (the SAE error term stays fixed, exactly as in the Jacobian's linearisation).
 The gradient predicts ``Δpre_t ≈ scale · attribution``; the replay measures the real Δpre_t.
-All candidates of a target run as rows of one batch, row 0 being the unedited baseline.
+All candidates of a target run as rows of one batch, row 0 being the unedited baseline, and
+only the token at p is recomputed, against the prompt's cached keys/values (``PrefixCache``):
+the layers below the candidate see the same input in every row, so the cost per candidate is
+one token through at most ``target layer + 1`` layers.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import numpy as np
 import torch
 
 from .jacobian import target_pre
-from .model import resid_hooks, run
+from .model import PrefixCache, prefix_cache, resid_hooks, run_last
 from .sae import SAE
 
 
@@ -61,6 +64,7 @@ def replay(
     candidates: list[dict],
     position: int = -1,
     scale: float = 1.0,
+    prefix: PrefixCache | None = None,
 ) -> tuple[float, list[dict]]:
     """Ablate each candidate (one batch row each) and measure the target on ``input_ids`` [1, seq].
 
@@ -70,19 +74,16 @@ def replay(
     n = len(candidates)
     deltas = ablation_deltas(saes, candidates, scale)
 
-    def edit_for(delta: torch.Tensor):
-        def edit(h: torch.Tensor) -> torch.Tensor:
-            h = h.clone()
-            h[:, position] += delta.to(h.dtype)
-            return h
+    prefix = prefix or prefix_cache(model, input_ids, position)
 
-        return edit
+    def edit_for(delta: torch.Tensor):
+        return lambda h: h + delta.to(h.dtype)[:, None, :]  # h: [1+n, 1, d_model], the token at p
 
     edits = {l: edit_for(d) for l, d in deltas.items()}
     with resid_hooks(model, capture={layer}, edits=edits, stop_after=layer) as hs:
-        run(model, input_ids.expand(1 + n, -1))
+        run_last(model, prefix, 1 + n)
     sae = saes[layer]
-    pre = target_pre(sae, hs[layer][:, position].to(sae.W_enc.dtype), [feature] * (1 + n)).float()
+    pre = target_pre(sae, hs[layer][:, -1].to(sae.W_enc.dtype), [feature] * (1 + n)).float()
     act = sae.gate(pre)
     base_pre, base_act = float(pre[0]), float(act[0])
     out = []
