@@ -9,11 +9,12 @@ from prefect.artifacts import create_link_artifact
 
 from pathflow.config import Config
 from pathflow.errors import PathflowError, quiet_user_errors
+from pathflow.pathways import plan_batches
 from pathflow.provenance import provenance
 from storage.store import Store, git_commit, new_run_id
 from tasks.common import step
 from tasks.integrate import integrate_features
-from tasks.pathways import replay_candidates, target_jacobians, topk_candidates
+from tasks.pathways import batch_jacobians, batch_replay, batch_topk, merge_pathways, prepare_jacobians
 from tasks.study import audit_study, select_features
 from tasks.tokens import token_associations
 
@@ -34,12 +35,17 @@ def local_flow(config: Config, run_id: str, feature: str | None = None) -> dict:
         target = sel["target"]
         logger.info("tracing %s (layer %d)", target["feature"], target["layer"])
         run.update(sae={**run.manifest()["sae"], **provenance(config, list(range(target["layer"] + 1)))["sae"]})
-        tjs = target_jacobians(config, store_url, run_id, target, 0, [target["feature"]])
-        cands = topk_candidates(config, store_url, run_id, target, tjs)
-        replayed = replay_candidates(config, store_url, run_id, target, cands)
+        targets = [{**target, "index": 0}]
+        prepare_jacobians(config, store_url, run_id, targets)
+        cands, replayed = {}, {}
+        for batch in plan_batches(targets, config.gradients.batch_size):
+            bj = batch_jacobians(config, store_url, run_id, batch)
+            batch_cands = batch_topk(config, store_url, run_id, bj)
+            replayed.update(batch_replay(config, store_url, run_id, batch, batch_cands))
+            cands.update(batch_cands)
+        merge_pathways(config, store_url, run_id, cands, replayed)
         tokens = token_associations(config, store_url, run_id, [target])
-        records = integrate_features(config, store_url, run_id, [target], audited["features"],
-                                     {target["feature"]: replayed}, tokens)
+        records = integrate_features(config, store_url, run_id, [target], audited["features"], replayed, tokens)
         with step(run, "prototype"):
             steps = run.manifest()["steps"]
             proto = {"target": target, "seconds": {k: v.get("seconds") for k, v in steps.items()},

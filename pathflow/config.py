@@ -70,8 +70,9 @@ class SelectionConfig(_Strict):
 
 
 class GradientsConfig(_Strict):
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="targets per backward; halves on out-of-memory")
     position: int = Field(-1, description="token position of the target (negative counts from the end)")
+    sae_budget_gb: float | None = Field(None, gt=0, description="memory for resident SAEs (None: keep all)")
 
 
 class TopkConfig(_Strict):
@@ -81,9 +82,14 @@ class TopkConfig(_Strict):
 
 
 class ReplayConfig(_Strict):
-    intervention: Literal["ablate"] = "ablate"
+    intervention: Literal["ablate", "steer"] = Field(
+        "ablate", description="ablate: remove an active feature (an off one is steered); steer: set every "
+        "candidate to steer_value")
     scale: float = Field(1.0, gt=0.0, le=1.0, description="fraction of the activation removed by 'ablate'")
-    min_sign_agreement: float = Field(0.7, ge=0.0, le=1.0)
+    steer_value: float = Field(1.0, description="activation a steered candidate is set to")
+    min_sign_agreement: float = Field(0.7, ge=0.0, le=1.0, description="a target is validated at or above this")
+    min_abs_change: float = Field(0.0, ge=0.0, description="a candidate is validated if its sign agrees and "
+                                  "|actual change| is at least this")
 
 
 class StoreConfig(_Strict):

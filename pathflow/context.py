@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import Config
-from .model import DTYPES, encode_prompt, load_model, n_layers
-from .sae import SAE, load_sae
+from .model import DTYPES, PrefixCache, encode_prompt, load_model, n_layers, prefix_cache
+from .sae import SAE, SAEBank
 from .study import load_prompts
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,8 @@ class Context:
     tokenizer: object
     prompts: dict[str, str]
     prompt_ids: dict[str, torch.Tensor]  # name -> [1, seq]
-    saes: dict[int, SAE] = field(default_factory=dict)
+    saes: SAEBank
+    _prefixes: dict[str, PrefixCache] = field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:
@@ -37,16 +38,18 @@ class Context:
         return next(self.model.parameters()).device
 
     def sae(self, layer: int) -> SAE:
-        if layer not in self.saes:
-            s = self.cfg.sae
-            log.info("loading SAE layer %d from %s", layer, s.root)
-            self.saes[layer] = load_sae(s.root, s.pattern, layer, s.threshold, revision=s.revision,
-                                        device=self.device, dtype=DTYPES[self.cfg.model.dtype])
         return self.saes[layer]
 
     def saes_up_to(self, layer: int) -> dict[int, SAE]:
-        """The target layer's SAE and every upstream one."""
-        return {l: self.sae(l) for l in range(layer + 1)}
+        """The target layer's SAE and every upstream one, loaded now."""
+        return {l: self.saes[l] for l in range(layer + 1)}
+
+    def prefixes(self) -> dict[str, PrefixCache]:
+        """Each prompt's keys/values before the target position, computed once per process."""
+        for name, ids in self.prompt_ids.items():
+            if name not in self._prefixes:
+                self._prefixes[name] = prefix_cache(self.model, ids, self.cfg.gradients.position)
+        return self._prefixes
 
 
 _CACHE: dict[str, Context] = {}
@@ -54,12 +57,17 @@ _CACHE: dict[str, Context] = {}
 
 def get_context(cfg: Config) -> Context:
     """The process-wide context for this config's model, SAEs and prompts."""
-    key = repr((cfg.model.model_dump(), cfg.sae.model_dump(), cfg.study.prompts))
+    key = repr((cfg.model.model_dump(), cfg.sae.model_dump(), cfg.study.prompts, cfg.gradients.position,
+                cfg.gradients.sae_budget_gb))
     if key not in _CACHE:
         _CACHE.clear()  # one model per process: free the previous one first
         model, tok = load_model(cfg.model.name_or_path, cfg.model.revision, cfg.model.dtype, cfg.model.device)
         prompts = load_prompts(cfg.study.prompts)
         device = next(model.parameters()).device
         ids = {k: encode_prompt(tok, v, device) for k, v in prompts.items()}
-        _CACHE[key] = Context(cfg=cfg, model=model, tokenizer=tok, prompts=prompts, prompt_ids=ids)
+        s, g = cfg.sae, cfg.gradients
+        budget = int(g.sae_budget_gb * 2**30) if g.sae_budget_gb else None
+        bank = SAEBank(s.root, s.pattern, s.threshold, revision=s.revision, device=device,
+                       dtype=DTYPES[cfg.model.dtype], budget_bytes=budget)
+        _CACHE[key] = Context(cfg=cfg, model=model, tokenizer=tok, prompts=prompts, prompt_ids=ids, saes=bank)
     return _CACHE[key]

@@ -13,9 +13,7 @@ def feature_record(selected: dict, study_values: dict, pathways: dict, tokens: d
     pathways: {prompt: {"faithfulness", "candidates": [replayed records]}};
     tokens: the step-4 views of the feature.
     """
-    validated = {
-        prompt: [c for c in p["candidates"] if c["sign_agrees"]] for prompt, p in pathways.items()
-    }
+    validated = {prompt: [c for c in p["candidates"] if c["validated"]] for prompt, p in pathways.items()}
     return {
         "feature": selected["feature"],
         "layer": selected["layer"],

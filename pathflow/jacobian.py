@@ -56,7 +56,7 @@ def target_pre(sae: SAE, h: torch.Tensor, features: list[int] | torch.Tensor) ->
 def jacobians(
     model,
     saes: dict[int, SAE],
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None,
     layer: int,
     features: list[int],
     position: int = -1,
@@ -64,8 +64,8 @@ def jacobians(
 ) -> TargetJacobians:
     """Jacobians of targets ``features`` of SAE ``layer`` on one prompt ``input_ids`` [1, seq].
 
-    ``saes`` must hold the target layer and every upstream layer 0..layer-1; ``prefix`` (the
-    prompt's cached keys/values up to ``position``) is computed here when not given.
+    ``saes`` maps the target layer and every upstream layer 0..layer-1 to its SAE; ``prefix``
+    (the prompt's cached keys/values up to ``position``) is computed from ``input_ids`` if not given.
     """
     k = len(features)
     up = list(range(layer))
@@ -79,8 +79,8 @@ def jacobians(
         gs = torch.autograd.grad(pre.sum(), [hs[l] for l in up]) if up else []
     dtype, d_sae = saes[layer].W_enc.dtype, saes[layer].d_sae
     # J_l = g_l @ W_dec / s_l : [k, d_model] @ [d_model, d_sae]
-    grad = torch.zeros(k, 0, d_sae, dtype=dtype, device=input_ids.device)
-    act = torch.zeros(0, d_sae, dtype=dtype, device=input_ids.device)
+    grad = torch.zeros(k, 0, d_sae, dtype=dtype, device=prefix.token.device)
+    act = torch.zeros(0, d_sae, dtype=dtype, device=prefix.token.device)
     if up:
         grad = torch.stack([(g[:, -1].to(dtype) @ saes[l].W_dec) / saes[l].scale for l, g in zip(up, gs)], 1)
         with torch.no_grad():

@@ -16,7 +16,6 @@ import torch
 
 from .jacobian import target_pre
 from .model import PrefixCache, prefix_cache, resid_hooks, run_last
-from .sae import SAE
 
 
 def pearson(x, y) -> float | None:
@@ -42,38 +41,48 @@ def spearman(x, y) -> float | None:
     return pearson(_ranks(x), _ranks(y)) if len(x) >= 2 else None
 
 
-def ablation_deltas(saes: dict[int, SAE], candidates: list[dict], scale: float) -> dict[int, torch.Tensor]:
+def intervene(c: dict, intervention: str, scale: float, steer_value: float) -> tuple[str, float]:
+    """(kind, new activation) of a candidate: ``ablate`` removes ``scale`` of an active feature;
+    an off feature (nothing to ablate), or every feature under ``steer``, is set to ``steer_value``."""
+    if intervention == "ablate" and c["activation"] != 0:
+        return "ablate", (1.0 - scale) * c["activation"]
+    return "steer", steer_value
+
+
+def edit_deltas(saes, candidates: list[dict], new_values: list[float]) -> dict[int, torch.Tensor]:
     """Per upstream layer, the change to h_l[p] of every replay row: {l: [1+n, d_model]} (row 0 = baseline)."""
     n = len(candidates)
     deltas: dict[int, torch.Tensor] = {}
-    for row, c in enumerate(candidates, start=1):
+    for row, (c, v) in enumerate(zip(candidates, new_values), start=1):
         sae = saes[c["layer"]]
         if c["layer"] not in deltas:
             deltas[c["layer"]] = torch.zeros(1 + n, sae.d_model, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
-        deltas[c["layer"]][row] = -scale * c["activation"] * sae.decoder_direction(c["feature_id"])
+        deltas[c["layer"]][row] = (v - c["activation"]) * sae.decoder_direction(c["feature_id"])
     return deltas
 
 
 @torch.no_grad()
 def replay(
     model,
-    saes: dict[int, SAE],
-    input_ids: torch.Tensor,
+    saes,
+    input_ids: torch.Tensor | None,
     layer: int,
     feature: int,
     candidates: list[dict],
     position: int = -1,
     scale: float = 1.0,
     prefix: PrefixCache | None = None,
+    intervention: str = "ablate",
+    steer_value: float = 1.0,
 ) -> tuple[float, list[dict]]:
-    """Ablate each candidate (one batch row each) and measure the target on ``input_ids`` [1, seq].
+    """Intervene on each candidate (one batch row each) and measure the target's change.
 
-    Returns (baseline pre-activation, one record per candidate with predicted and actual
-    change of the target's pre-activation and activation and their sign agreement).
+    Returns (baseline pre-activation, one record per candidate with the intervention, predicted
+    change ``gradient × Δf`` and actual change of the target's pre-activation and activation).
     """
     n = len(candidates)
-    deltas = ablation_deltas(saes, candidates, scale)
-
+    kinds = [intervene(c, intervention, scale, steer_value) for c in candidates]
+    deltas = edit_deltas(saes, candidates, [v for _, v in kinds])
     prefix = prefix or prefix_cache(model, input_ids, position)
 
     def edit_for(delta: torch.Tensor):
@@ -87,20 +96,12 @@ def replay(
     act = sae.gate(pre)
     base_pre, base_act = float(pre[0]), float(act[0])
     out = []
-    for row, c in enumerate(candidates, start=1):
-        predicted = scale * c["attribution"]
+    for row, (c, (kind, value)) in enumerate(zip(candidates, kinds), start=1):
+        predicted = c["gradient"] * (value - c["activation"])  # first order: J · Δf
         actual = float(pre[row]) - base_pre
-        out.append(
-            {
-                **c,
-                "intervention": "ablate",
-                "scale": scale,
-                "predicted_change": predicted,
-                "actual_change": actual,
-                "actual_activation_change": float(act[row]) - base_act,
-                "sign_agrees": bool(np.sign(predicted) == np.sign(actual)),
-            }
-        )
+        out.append({**c, "intervention": kind, "new_activation": value, "predicted_change": predicted,
+                    "actual_change": actual, "actual_activation_change": float(act[row]) - base_act,
+                    "sign_agrees": bool(np.sign(predicted) == np.sign(actual))})
     return base_pre, out
 
 

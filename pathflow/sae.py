@@ -217,3 +217,46 @@ def sae_file_hash(root: str, pattern: str, layer: int) -> str | None:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+class SAEBank:
+    """Per-layer SAEs loaded on first use and kept least-recently-used under a memory budget.
+
+    ``bank[layer]`` is an ``SAE``. With ``budget_bytes`` set, layers beyond the budget are
+    dropped oldest first, so a pass over the upstream layers streams them through memory;
+    with a budget at least ``n_layers × one SAE`` every layer loads once.
+    """
+
+    def __init__(self, root: str, pattern: str, threshold: Threshold = "zero", *, revision: str | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 budget_bytes: int | None = None) -> None:
+        from collections import OrderedDict
+
+        self.root, self.pattern, self.threshold, self.revision = root, pattern, threshold, revision
+        self.device, self.dtype, self.budget_bytes = device, dtype, budget_bytes
+        self._cache: OrderedDict[int, SAE] = OrderedDict()
+        self.loads = 0  # how many times a layer was read from disk (for tests and logs)
+
+    @staticmethod
+    def nbytes(sae: SAE) -> int:
+        return sum(t.numel() * t.element_size() for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
+
+    def __getitem__(self, layer: int) -> SAE:
+        if layer in self._cache:
+            self._cache.move_to_end(layer)
+            return self._cache[layer]
+        sae = load_sae(self.root, self.pattern, layer, self.threshold, revision=self.revision,
+                       device=self.device, dtype=self.dtype)
+        self.loads += 1
+        self._cache[layer] = sae
+        if self.budget_bytes is not None:
+            while len(self._cache) > 1 and sum(map(self.nbytes, self._cache.values())) > self.budget_bytes:
+                old, _ = self._cache.popitem(last=False)
+                log.debug("SAE budget: dropped layer %d", old)
+        return sae
+
+    def __contains__(self, layer: int) -> bool:
+        return True  # any layer can be loaded
+
+    def resident(self) -> list[int]:
+        return list(self._cache)

@@ -15,12 +15,15 @@ ARRAYS = ("grad", "attribution")
 
 
 def create_jacobians(store, targets: list[str], prompts: list[str], n_layers: int, d_sae: int) -> zarr.Group:
-    """Create (or open, if it already has the same shape) the Jacobian arrays of a run."""
+    """Create the Jacobian arrays of a run once, before any writer starts (an existing group with
+    the same labels is opened as it is, so a resumed run keeps what it wrote)."""
     shape = (len(targets), len(prompts), n_layers, d_sae)
     group = zarr.open_group(store, mode="a", zarr_format=3)
+    if all(name in group for name in ARRAYS):
+        if group.attrs.get("targets") != targets or any(group[n].shape != shape for n in ARRAYS):
+            raise ValueError(f"jacobians.zarr exists with other targets or shape than {shape}")
+        return group
     for name in ARRAYS:
-        if name in group and group[name].shape == shape:
-            continue
         group.create_array(name, shape=shape, chunks=(1, len(prompts), n_layers, d_sae), dtype="float32",
                            fill_value=np.nan, compressors=[ZstdCodec(level=3)], overwrite=True)
     group.attrs.update({"targets": targets, "prompts": prompts, "layers": list(range(n_layers)),
@@ -28,7 +31,12 @@ def create_jacobians(store, targets: list[str], prompts: list[str], n_layers: in
     return group
 
 
-def write_target(group: zarr.Group, index: int, grad: np.ndarray, attribution: np.ndarray) -> None:
-    """Write target ``index``'s whole chunk: grad, attribution [prompt, layer, d_sae]."""
-    group["grad"][index] = grad
-    group["attribution"][index] = attribution
+def open_jacobians(store) -> zarr.Group:
+    return zarr.open_group(store, mode="r+", zarr_format=3)
+
+
+def write_rows(group: zarr.Group, rows: list[int], grad: np.ndarray, attribution: np.ndarray) -> None:
+    """Write whole target rows (= whole chunks): grad, attribution [len(rows), prompt, layer, d_sae]."""
+    for i, row in enumerate(rows):
+        group["grad"][row] = grad[i]
+        group["attribution"][row] = attribution[i]

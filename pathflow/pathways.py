@@ -1,0 +1,130 @@
+"""Step 3 for many targets: batches grouped by layer, phases A (Jacobians), B (top-k), C (replay).
+
+Every target shares the study's prompts, so each prompt's prefix keys/values are computed once
+(``PrefixCache``) and every batch only pushes the token at the target position through the
+layers. A batch is the targets of one layer; it halves on out-of-memory (``batching``).
+This module returns arrays and records; writing them is the caller's (``storage``) business.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .batching import chunks, peak_memory, reset_peak, run_with_backoff
+from .jacobian import jacobians
+from .model import PrefixCache
+from .replay import faithfulness, replay
+from .topk import top_candidates
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """Targets of one layer processed together: ``name`` is what the UI shows (``L12-batch3``)."""
+
+    name: str
+    layer: int
+    targets: list[dict]  # step-1 records with "feature", "layer", "feature_id" and "index" (row in the arrays)
+
+
+def plan_batches(targets: list[dict], batch_size: int) -> list[Batch]:
+    """Group targets by layer (ascending) and cut each layer into batches of ``batch_size``."""
+    by_layer: dict[int, list[dict]] = {}
+    for t in targets:
+        by_layer.setdefault(t["layer"], []).append(t)
+    out = []
+    for layer in sorted(by_layer):
+        for j, part in enumerate(chunks(by_layer[layer], batch_size)):
+            out.append(Batch(name=f"L{layer}-batch{j}", layer=layer, targets=list(part)))
+    return out
+
+
+@dataclass
+class BatchJacobians:
+    """Phase A of one batch.
+
+    grad, attribution: [k, prompt, n_layers, d_sae] float32, NaN for layers ≥ the batch's layer
+    activation:        [prompt, n_up, d_sae]  upstream activations at the position
+    """
+
+    batch: Batch
+    prompts: list[str]
+    grad: np.ndarray
+    attribution: np.ndarray
+    activation: np.ndarray
+    pre: np.ndarray  # [k, prompt]
+    seconds: float
+    memory: dict
+    splits: list[int] = field(default_factory=list)
+
+
+def phase_a(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, n_layers: int, device) -> BatchJacobians:
+    """Jacobians of a batch on every prompt; halves the batch on out-of-memory."""
+    t0 = time.perf_counter()
+    reset_peak(device)
+    layer, k = batch.layer, len(batch.targets)
+    prompts = list(prefixes)
+    d_sae = saes[layer].d_sae
+    grad = np.full((k, len(prompts), n_layers, d_sae), np.nan, np.float32)
+    attr = grad.copy()
+    act = np.zeros((len(prompts), layer, d_sae), np.float32)
+    pre = np.zeros((k, len(prompts)), np.float32)
+    splits: list[int] = []
+    for p, name in enumerate(prompts):
+        def fn(sub, name=name):
+            return jacobians(model, saes, None, layer, [t["feature_id"] for t in sub], prefix=prefixes[name])
+
+        row = 0
+        for sub, tj in run_with_backoff(fn, batch.targets, on_split=splits.append):
+            n = len(sub)
+            grad[row : row + n, p, :layer] = tj.grad.cpu().numpy()
+            attr[row : row + n, p, :layer] = tj.attribution.cpu().numpy()
+            pre[row : row + n, p] = tj.pre.cpu().numpy()
+            act[p] = tj.activation.cpu().numpy()
+            row += n
+    memory = peak_memory(device)
+    log.info("%s: %d targets, %.3fs, peak %s %.1f MiB%s", batch.name, k, time.perf_counter() - t0, memory["kind"],
+             memory["bytes"] / 2**20, f", split after OOM at {splits}" if splits else "")
+    return BatchJacobians(batch, prompts, grad, attr, act, pre, time.perf_counter() - t0, memory, splits)
+
+
+def phase_b(bj: BatchJacobians, k: int, score: str, min_abs_gradient: float) -> dict[str, dict[str, list[dict]]]:
+    """Top-k candidates per target and prompt: {feature: {prompt: [records]}}."""
+    layer = bj.batch.layer
+    out = {}
+    for i, t in enumerate(bj.batch.targets):
+        out[t["feature"]] = {
+            prompt: top_candidates(torch.from_numpy(bj.grad[i, p, :layer]), torch.from_numpy(bj.activation[p]),
+                                   list(range(layer)), k, score, min_abs_gradient)
+            for p, prompt in enumerate(bj.prompts)
+        }
+    return out
+
+
+def phase_c(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, candidates: dict, rc) -> dict:
+    """Replay every candidate of every target of the batch: {feature: {prompt: {...}}}.
+
+    ``rc``: the replay config (intervention, scale, steer_value, min_sign_agreement, min_abs_change).
+    """
+    out = {}
+    for t in batch.targets:
+        out[t["feature"]] = {}
+        for prompt, cands in candidates[t["feature"]].items():
+            def fn(sub, prompt=prompt, t=t):
+                return replay(model, saes, None, t["layer"], t["feature_id"], list(sub), scale=rc.scale,
+                              prefix=prefixes[prompt], intervention=rc.intervention, steer_value=rc.steer_value)
+
+            recs, base = [], None
+            for _sub, (b, r) in run_with_backoff(fn, cands) if cands else []:
+                base, recs = b, recs + r
+            for r in recs:
+                r["validated"] = bool(r["sign_agrees"] and abs(r["actual_change"]) >= rc.min_abs_change)
+            out[t["feature"]][prompt] = {"baseline_pre": base, "candidates": recs,
+                                         "faithfulness": faithfulness(recs, rc.min_sign_agreement)}
+    return out

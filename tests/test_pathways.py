@@ -1,0 +1,153 @@
+"""Step 3 at scale: batches by layer, OOM halving, cached replay interventions, concurrent writers."""
+
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+import torch
+
+from pathflow.batching import SIMULATE_ENV, batch_size_for_attempt, run_with_backoff
+from pathflow.config import ReplayConfig
+from pathflow.jacobian import jacobians
+from pathflow.pathways import phase_a, phase_b, phase_c, plan_batches
+from pathflow.sae import SAEBank
+from storage.arrays import create_jacobians, open_jacobians, write_rows
+
+
+def close(a, b, rel=1e-5):
+    """Equal up to float32 rounding: a batched matmul may round differently from a single row."""
+    a, b = np.nan_to_num(np.asarray(a)), np.nan_to_num(np.asarray(b))
+    assert np.linalg.norm(a - b) <= rel * np.linalg.norm(b), np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def targets(specs):
+    return [{"feature": f"L{l}-{i}", "layer": l, "feature_id": i, "index": n} for n, (l, i) in enumerate(specs)]
+
+
+def test_plan_groups_by_layer():
+    ts = targets([(3, 1), (1, 2), (3, 4), (3, 5), (1, 9)])
+    plan = plan_batches(ts, 2)
+    assert [(b.name, [t["feature"] for t in b.targets]) for b in plan] == [
+        ("L1-batch0", ["L1-2", "L1-9"]), ("L3-batch0", ["L3-1", "L3-4"]), ("L3-batch1", ["L3-5"])]
+
+
+def test_batched_phase_a_equals_unbatched(ctx):
+    ts = targets([(3, 5), (3, 17), (3, 101), (3, 3), (3, 250)])
+    (batch,) = plan_batches(ts, 8)
+    bj = phase_a(ctx.model, ctx.saes, ctx.prefixes(), batch, ctx.n_layers, ctx.device)
+    assert bj.grad.shape == (5, 2, ctx.n_layers, ctx.sae(3).d_sae)
+    for i, t in enumerate(ts):
+        for p, prompt in enumerate(bj.prompts):
+            one = jacobians(ctx.model, ctx.saes_up_to(3), ctx.prompt_ids[prompt], 3, [t["feature_id"]])
+            close(bj.grad[i, p, :3], one.grad[0].numpy())
+            close(bj.activation[p], one.activation.numpy())
+    assert np.isnan(bj.grad[:, :, 3:]).all() and np.isfinite(bj.grad[:, :, :3]).all()
+    assert bj.memory["bytes"] > 0
+
+
+def test_oom_halving_gives_identical_results(ctx, monkeypatch):
+    ts = targets([(2, i) for i in (4, 8, 15, 16, 23, 42, 77)])
+    (batch,) = plan_batches(ts, 7)
+    ref = phase_a(ctx.model, ctx.saes, ctx.prefixes(), batch, ctx.n_layers, ctx.device)
+    monkeypatch.setenv(SIMULATE_ENV, "2")
+    got = phase_a(ctx.model, ctx.saes, ctx.prefixes(), batch, ctx.n_layers, ctx.device)
+    # 7 -> 3 + 4 -> (1 + 2) + (2 + 2), on each of the two prompts
+    assert got.splits == [7, 3, 4] * 2
+    assert np.array_equal(np.isnan(got.grad), np.isnan(ref.grad))
+    close(got.grad, ref.grad)
+    close(got.attribution, ref.attribution)
+    monkeypatch.setenv(SIMULATE_ENV, "0")
+    with pytest.raises(torch.OutOfMemoryError):  # down to one target and still out of memory: give up
+        phase_a(ctx.model, ctx.saes, ctx.prefixes(), batch, ctx.n_layers, ctx.device)
+
+
+def test_backoff_only_on_oom():
+    calls = []
+
+    def boom(items):
+        calls.append(len(items))
+        raise ValueError("not a memory problem")
+
+    with pytest.raises(ValueError):
+        run_with_backoff(boom, list(range(8)))
+    assert calls == [8]  # no retry for other errors
+
+    def cuda_style(items):
+        calls.append(len(items))
+        if len(items) > 3:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return sum(items)
+
+    calls.clear()
+    out = run_with_backoff(cuda_style, list(range(8)))
+    assert [r for _, r in out] == [1, 5, 9, 13] and sum(r for _, r in out) == sum(range(8))
+    assert [batch_size_for_attempt(32, a) for a in (1, 2, 3, 6, 7, 20)] == [32, 16, 8, 1, 1, 1]
+
+
+def test_phase_b_and_c_ablate_and_steer(ctx):
+    ts = targets([(3, 12), (3, 40)])
+    (batch,) = plan_batches(ts, 4)
+    bj = phase_a(ctx.model, ctx.saes, ctx.prefixes(), batch, ctx.n_layers, ctx.device)
+    cands = phase_b(bj, k=6, score="attribution", min_abs_gradient=0.0)
+    for per_prompt in cands.values():
+        for cs in per_prompt.values():
+            assert [c["rank"] for c in cs] == list(range(1, 7))
+            assert all(c["activation"] > 0 for c in cs)
+            scores = [abs(c["attribution"]) for c in cs]
+            assert scores == sorted(scores, reverse=True)
+    tiny = ReplayConfig(scale=1e-3)
+    res = phase_c(ctx.model, ctx.saes, ctx.prefixes(), batch, cands, tiny)
+    for per_prompt in res.values():
+        for r in per_prompt.values():
+            assert r["faithfulness"]["sign_agreement"] == 1.0 and r["faithfulness"]["validated"]
+            for c in r["candidates"]:
+                assert c["intervention"] == "ablate"
+                assert abs(c["actual_change"] - c["predicted_change"]) <= 1e-2 * abs(c["predicted_change"]) + 1e-6
+    # off candidates (ranked by |gradient|) are steered: a small steer matches the gradient too
+    off = phase_b(bj, k=5, score="gradient", min_abs_gradient=0.0)
+    off = {f: {p: [c for c in cs if c["activation"] == 0] for p, cs in pp.items()} for f, pp in off.items()}
+    assert any(cs for pp in off.values() for cs in pp.values())
+    res = phase_c(ctx.model, ctx.saes, ctx.prefixes(), batch, off, ReplayConfig(steer_value=1e-3))
+    for per_prompt in res.values():
+        for r in per_prompt.values():
+            for c in r["candidates"]:
+                assert c["intervention"] == "steer" and c["new_activation"] == 1e-3
+                assert c["predicted_change"] == pytest.approx(c["gradient"] * 1e-3)
+                assert abs(c["actual_change"] - c["predicted_change"]) <= 2e-2 * abs(c["predicted_change"]) + 1e-7
+
+
+def test_sae_budget_streams_layers(demo_cfg, ctx):
+    one = SAEBank.nbytes(ctx.sae(0))
+    bank = SAEBank(demo_cfg.sae.root, demo_cfg.sae.pattern, demo_cfg.sae.threshold, budget_bytes=int(2.5 * one))
+    (batch,) = plan_batches(targets([(3, 5), (3, 9)]), 2)
+    ref = phase_a(ctx.model, ctx.saes, ctx.prefixes(), batch, ctx.n_layers, ctx.device)
+    got = phase_a(ctx.model, bank, ctx.prefixes(), batch, ctx.n_layers, ctx.device)
+    assert len(bank.resident()) <= 2 and bank.loads > 4  # layers were dropped and re-read
+    np.testing.assert_array_equal(got.grad, ref.grad)
+
+
+def _writer(path, rows):
+    g = open_jacobians(path)
+    for r in rows:
+        write_rows(g, [r], np.full((1, 2, 3, 64), r, np.float32), np.full((1, 2, 3, 64), -r, np.float32))
+
+
+def test_concurrent_writers_never_lose_rows(tmp_path):
+    path = str(tmp_path / "jacobians.zarr")
+    n = 24
+    create_jacobians(path, [f"L1-{i}" for i in range(n)], ["safe", "risky"], 3, 64)
+    procs = [mp.get_context("spawn").Process(target=_writer, args=(path, list(range(w, n, 4)))) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    g = open_jacobians(path)
+    grad, attr = g["grad"][:], g["attribution"][:]
+    for r in range(n):
+        assert (grad[r] == r).all() and (attr[r] == -r).all()
+    # reopening with the same labels keeps the data (resume); other labels are refused
+    create_jacobians(path, [f"L1-{i}" for i in range(n)], ["safe", "risky"], 3, 64)
+    assert (open_jacobians(path)["grad"][5] == 5).all()
+    with pytest.raises(ValueError, match="other targets"):
+        create_jacobians(path, ["L1-0"], ["safe", "risky"], 3, 64)
