@@ -132,34 +132,120 @@ def _print_local(result: dict) -> None:
     console.print(f"run [bold]{result['run_id']}[/] {result['status']}: [bold]{result['run_url']}[/]")
 
 
-@app.command("audit")
-def audit_cmd(config: Path | None = ConfigOpt,
-              out: Path | None = typer.Option(None, "--out", "-o", help="write the JSON report here")) -> None:
-    """Step 0: read every study file, check and count it. Exit 0 validated, 1 errors found, 2 usage error."""
+def _audit_with_progress(cfg):
+    """Run the audit with a progress bar over the bytes of every study file."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .readers import expand
     from .study import audit
 
-    cfg = _load(config, None)
-    report, _ = audit(cfg)
+    s = cfg.study
+    files = expand(s.checkpoints + s.response_logs + s.revalidation)
+    total = sum(p.stat().st_size for p in files if p.is_file())
+    with Progress(TextColumn("reading the study"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=err, transient=True, disable=total < 50 * 2**20) as bar:
+        task = bar.add_task("read", total=total)
+        return audit(cfg, progress=lambda _p, n: bar.advance(task, n))
+
+
+def _print_audit(report: dict) -> None:
     c = report["counts"]
     t = Table(title="study audit")
     t.add_column("what")
     t.add_column("count", justify="right")
-    for k in ("features_total", "causal_total"):
-        t.add_row(k, str(c[k]))
+    for kind, key in (("checkpoint files", "checkpoint_files"), ("response-log files", "response_log_files")):
+        fc = c[key]
+        t.add_row(kind, f"{fc['files_read']} read / {fc['files_found']} found, {fc['files_failed']} failed")
+    t.add_row("features", str(c["features_total"]))
+    t.add_row("causal features", str(c["causal_total"]))
     for k, v in c["causal_by_direction"].items():
-        t.add_row(f"causal {k}", str(v))
+        t.add_row(f"  causal, {k}", str(v))
     for k, v in c["causal_by_layer"].items():
-        t.add_row(f"causal in layer {k}", str(v))
-    t.add_row("errors", str(len(report["errors"])))
+        t.add_row(f"  causal in layer {k}", str(v))
+    j = c["join"]
+    t.add_row("causal with response logs", f"{j['joined']} ({j['causal_without_logs']} without)")
+    t.add_row("logged features without a result", str(j["logs_without_result"]))
+    t.add_row("log entries", f"{c['response_log_files']['entries']} ({c['response_log_files']['empty_responses']} "
+              "empty)")
+    t.add_row("errors", f"[red]{len(report['errors'])}[/]" if report["errors"] else "0")
     t.add_row("warnings", str(len(report["warnings"])))
     console.print(t)
-    for e in report["errors"][:20]:
-        console.print(f"[red]{e['code']}[/] {e['message']} ({e['file']}, record {e['record']})", highlight=False)
+    for kind, items, style in (("error", report["errors"], "red"), ("warning", report["warnings"], "yellow")):
+        for e in items[:15]:
+            where = f" ({e['file']}" + (f", record {e['record']}" if e["record"] is not None else "") + ")" \
+                if e["file"] else (f" ({e['record']})" if e["record"] is not None else "")
+            console.print(f"[{style}]{kind}[/] {e['code']}: {e['message']}{where}", highlight=False)
+        if len(items) > 15:
+            console.print(f"… and {len(items) - 15} more {kind}s (see the JSON report)")
+
+
+@app.command("audit")
+def audit_cmd(config: Path | None = ConfigOpt,
+              out: Path | None = typer.Option(None, "--out", "-o", help="write the JSON report here")) -> None:
+    """Step 0: read every study file, check and count it.
+
+    Exit 0 validated (warnings allowed), 1 errors found, 2 usage error (missing file, bad config).
+    """
+    from .errors import PathflowError
+
+    cfg = _load(config, None)
+    try:
+        report, _ = _audit_with_progress(cfg)
+    except PathflowError as e:
+        _fail(str(e), 2)
+    _print_audit(report)
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
+        _write_json(out, report)
         console.print(f"report: {out}")
+    console.print("[green]validated[/]" if report["validated"] else "[red]not validated[/]: fix the errors above")
     raise typer.Exit(0 if report["validated"] else 1)
+
+
+@app.command("select")
+def select_cmd(config: Path | None = ConfigOpt,
+               out: Path | None = typer.Option(None, "--out", "-o", help="write causal_features.json here"),
+               layer: list[int] | None = typer.Option(None, "--layer", help="only these layers (repeatable)"),
+               direction: str | None = typer.Option(None, "--direction", help="safe or risky"),
+               top: int | None = typer.Option(None, "--top", help="top N per layer (selection.top_per_layer)"),
+               ) -> None:
+    """Step 1: the causal features, top-N per layer by |cohen_d| (effect size where cohen_d is absent)."""
+    from pydantic import ValidationError
+
+    from .errors import PathflowError
+    from .study import select
+
+    cfg = _load(config, None)
+    try:
+        for key, value in (("layers", layer or None), ("direction", direction), ("top_per_layer", top)):
+            if value is not None:
+                setattr(cfg.selection, key, value)
+    except ValidationError as e:
+        _fail(f"invalid option: {e.errors()[0]['msg']}")
+    try:
+        report, features = _audit_with_progress(cfg)
+    except PathflowError as e:
+        _fail(str(e), 2)
+    selected = select(features, cfg)
+    t = Table(title=f"selected features ({len(selected)})")
+    for col in ("feature", "direction", "rank_key", "rank_value", "rank"):
+        t.add_column(col)
+    for s in selected[:60]:
+        t.add_row(s["feature"], s["direction"], s["rank_key"], f"{s['rank_value']:.3g}" if s["rank_value"] is not None
+                  else "–", str(s["rank"]))
+    console.print(t)
+    if not report["validated"]:
+        console.print(f"[yellow]the study audit found {len(report['errors'])} errors; run `pathflow audit`[/]")
+    if out:
+        _write_json(out, {"selection": cfg.selection.model_dump(), "n_selected": len(selected), "features": selected})
+        console.print(f"written: {out}")
+
+
+def _write_json(path: Path, obj) -> None:
+    """Atomic: a crash never leaves a half-written report where an old one was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
 
 
 def main() -> None:

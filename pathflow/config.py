@@ -41,8 +41,10 @@ class StudyConfig(_Strict):
     summary_csv: str | None = None
     conditions: list[str] = Field(default_factory=lambda: list(REAL_CONDITIONS))
     prompts: str | None = Field(None, description="prompts.json with the study's 'safe' and 'risky' prompts")
+    revalidation: list[str] = Field(default_factory=list, description="revalidation JSONL files, folders or globs")
+    min_trials: int = Field(30, ge=0, description="warn for a feature/condition with fewer logged trials")
 
-    @field_validator("checkpoints", "response_logs", mode="before")
+    @field_validator("checkpoints", "response_logs", "revalidation", mode="before")
     @classmethod
     def _one_or_many(cls, v):
         return [v] if isinstance(v, str) else v
@@ -67,6 +69,8 @@ class SelectionConfig(_Strict):
     rank_by: Literal["cohen_d", "effect_size"] = "cohen_d"
     layers: list[int] | None = None
     direction: Literal["safe", "risky"] | None = None
+    include: list[str] = Field(default_factory=list, description="features always selected (L{n}-{id})")
+    exclude: list[str] = Field(default_factory=list, description="features never selected")
 
 
 class GradientsConfig(_Strict):
@@ -133,7 +137,7 @@ def _resolve_paths(data: dict, base: Path) -> dict:
 
     study = data.get("study")
     if isinstance(study, dict):
-        for key in ("checkpoints", "response_logs"):
+        for key in ("checkpoints", "response_logs", "revalidation"):
             v = study.get(key)
             if isinstance(v, str):
                 study[key] = fix(v)

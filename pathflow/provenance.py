@@ -7,8 +7,9 @@ from pathlib import Path
 
 from . import __version__
 from .config import Config
+from .readers import expand
 from .sae import layer_location, sae_file_hash
-from .study import expand, file_sha256
+from .study import file_sha256
 
 
 def _model_hashes(name_or_path: str) -> dict[str, str] | None:
@@ -22,7 +23,8 @@ def provenance(cfg: Config, layers: list[int] | None = None) -> dict:
     import torch
     import transformers
 
-    inputs = [str(p) for p in expand(cfg.study.checkpoints) + expand(cfg.study.response_logs) if p.is_file()]
+    specs = cfg.study.checkpoints + cfg.study.response_logs + cfg.study.revalidation
+    inputs = [str(p) for p in expand(specs) if p.is_file()]
     inputs += [p for p in (cfg.study.summary_csv, cfg.study.prompts) if p]
     sae = {"root": cfg.sae.root, "pattern": cfg.sae.pattern, "revision": cfg.sae.revision, "layers": {}}
     for layer in layers or []:

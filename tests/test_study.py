@@ -5,7 +5,8 @@ import json
 import pytest
 
 from pathflow.config import load_config
-from pathflow.study import Findings, audit, read_checkpoints, read_summary_csv, select
+from pathflow.readers import Findings, read_checkpoints, read_summary_csv
+from pathflow.study import audit, select
 
 from .conftest import SHARED_DATA
 

@@ -1,0 +1,423 @@
+"""Readers for every study format of DESIGN §4, normalised into one record per feature or trial.
+
+Nothing here raises on bad data: every problem becomes a ``Finding`` (code, message, file,
+record) and reading goes on with the next record or file. Response logs are streamed
+(``ijson``), so a folder of gigabytes needs the memory of one record, not of one file.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import ijson
+from pydantic import BaseModel, ConfigDict
+
+FEATURE_RE = re.compile(r"^L(\d+)-(\d+)$")
+TS_RE = re.compile(r"(\d{8}_\d{6})")
+NOT_CAUSAL = {"no_causal_effect", "no_effect"}
+Progress = Callable[[Path, int], None]  # (file done, its size in bytes)
+
+
+class Finding(BaseModel):
+    code: str
+    message: str
+    file: str | None = None
+    record: int | str | None = None
+
+
+class Findings:
+    """Errors and warnings of one audit, in the order found."""
+
+    def __init__(self) -> None:
+        self.errors: list[Finding] = []
+        self.warnings: list[Finding] = []
+
+    def error(self, code: str, message: str, file=None, record=None) -> None:
+        self.errors.append(Finding(code=code, message=message, file=None if file is None else str(file), record=record))
+
+    def warn(self, code: str, message: str, file=None, record=None) -> None:
+        self.warnings.append(Finding(code=code, message=message, file=None if file is None else str(file),
+                                     record=record))
+
+
+class FeatureResult(BaseModel):
+    """One patched feature, from either checkpoint schema or the summary CSV."""
+
+    feature: str
+    layer: int
+    feature_id: int
+    cohen_d: float | None = None
+    effect_size: float | None = None
+    is_causal: bool
+    direction: Literal["safe", "risky", "neutral"]
+    schema_: str
+    source_file: str
+    values: dict = {}
+
+
+class Trial(BaseModel):
+    """One logged response of the patching study (a response-log entry)."""
+
+    model_config = ConfigDict(frozen=True)
+    feature: str
+    condition: str
+    trial: int | None = None
+    response: str | None = None
+    action: str | None = None
+    bet: float | None = None
+    valid: bool | None = None
+    source_file: str
+    record: int
+
+
+class RevalidationTrial(BaseModel):
+    """One line of the revalidation JSONL: a response under a patch of a given scale."""
+
+    model_config = ConfigDict(frozen=True)
+    layer: int
+    feature_id: int
+    prompt_type: str
+    scale: float
+    trial_index: int
+    response: str
+    decision: str | None = None
+    bet: float | None = None
+    valid: bool | None = None
+
+    @property
+    def feature(self) -> str:
+        return f"L{self.layer}-{self.feature_id}"
+
+
+def parse_feature(name: Any) -> tuple[int, int] | None:
+    m = FEATURE_RE.match(name) if isinstance(name, str) else None
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def expand(specs: list[str], f: Findings | None = None, suffixes=(".json", ".jsonl")) -> list[Path]:
+    """Files named by files, folders (their ``suffixes`` files) and globs, sorted and unique.
+
+    A folder or glob that yields nothing is a warning; a plain path that does not exist is left
+    in the list, for the reader to report with its name.
+    """
+    out: set[Path] = set()
+    for spec in specs:
+        p = Path(spec)
+        found: set[Path]
+        if p.is_dir():
+            found = {q for q in p.iterdir() if q.suffix in suffixes}
+        elif any(ch in spec for ch in "*?["):
+            found = {Path(q) for q in glob.glob(spec, recursive=True)}
+        else:
+            found = {p}
+        if not found and f is not None:
+            f.warn("no_files", f"{spec} names no {'/'.join(suffixes)} files", spec)
+        out |= found
+    return sorted(out)
+
+
+def _open(path: Path):
+    """The one place files are opened (a seam for tests of unreadable files)."""
+    return open(path, "rb")
+
+
+def _reject_constant(name: str):
+    # NaN/Infinity are not JSON: reject them rather than let them into the math
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _io_error(path: Path, e: OSError, f: Findings) -> None:
+    if isinstance(e, IsADirectoryError):
+        f.error("not_a_file", "a directory where a file was expected", path)
+    elif isinstance(e, FileNotFoundError):
+        f.error("missing_file", "file not found", path)
+    elif isinstance(e, PermissionError):
+        f.error("unreadable", "permission denied", path)
+    else:
+        f.error("unreadable", f"cannot read: {e}", path)
+
+
+def read_json(path: Path, f: Findings) -> Any:
+    """A whole JSON file (checkpoints, prompts), or None with an error naming the file."""
+    try:
+        with _open(path) as fh:
+            raw = fh.read()
+    except OSError as e:
+        _io_error(path, e, f)
+        return None
+    if not raw.strip():
+        f.error("empty_file", "file is empty", path)
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        f.error("not_utf8", f"not UTF-8 text ({e.reason} at byte {e.start})", path)
+        return None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, ValueError) as e:
+        f.error("bad_json", f"not valid JSON: {e}", path)
+        return None
+
+
+def _number(x, field: str, f: Findings, file, rec) -> float | None:
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        f.error("bad_type", f"'{field}' must be a number, got {type(x).__name__}", file, rec)
+        return None
+    if not math.isfinite(x):
+        f.error("not_finite", f"'{field}' is {x}", file, rec)
+        return None
+    return float(x)
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+def normalise_result(r: Any, file: str, idx: int, f: Findings) -> FeatureResult | None:
+    """One checkpoint result (flat or nested schema) -> FeatureResult, or None with an error."""
+    if not isinstance(r, dict):
+        f.error("bad_record", f"result is a {type(r).__name__}, not an object", file, idx)
+        return None
+    name, parsed = r.get("feature"), parse_feature(r.get("feature"))
+    layer, fid = r.get("layer"), r.get("feature_id")
+    if parsed is None and (layer is None or fid is None):
+        f.error("missing_field", "result has neither a valid 'feature' (L{n}-{id}) nor layer/feature_id", file, idx)
+        return None
+    if layer is None or fid is None:
+        layer, fid = parsed
+    if not _int(layer) or not _int(fid):
+        f.error("bad_type", "'layer' and 'feature_id' must be integers", file, idx)
+        return None
+    if layer < 0 or fid < 0:
+        f.error("out_of_range", f"negative layer or feature id ({layer}, {fid})", file, idx)
+        return None
+    if parsed is not None and parsed != (layer, fid):
+        f.error("inconsistent", f"feature {name!r} disagrees with layer={layer}, feature_id={fid}", file, idx)
+        return None
+    n_err = len(f.errors)
+    cohen_d = _number(r.get("cohen_d"), "cohen_d", f, file, idx)
+    if "causality" in r:
+        c = r["causality"]
+        if not isinstance(c, dict) or not isinstance(c.get("interpretation"), str):
+            f.error("missing_field", "nested result lacks causality.interpretation", file, idx)
+            return None
+        is_causal = c["interpretation"] not in NOT_CAUSAL
+        sizes = [_number(c.get(k), k, f, file, idx) for k in ("safe_effect_size", "risky_effect_size")]
+        effect = max((abs(v) for v in sizes if v is not None), default=None)
+        # the nested schema says in which context the patch acted, not the feature's side:
+        # that comes from the sign of cohen_d (positive = higher before safe decisions)
+        direction = ("safe" if (cohen_d or 0) >= 0 else "risky") if is_causal else "neutral"
+        schema, values = "nested", {"cohen_d": r.get("cohen_d"), **c}
+    elif "is_causal" in r:
+        if not isinstance(r["is_causal"], bool):
+            f.error("bad_type", "'is_causal' must be true or false", file, idx)
+            return None
+        is_causal, cls = r["is_causal"], r.get("classified_as")
+        if cls is not None and cls not in ("safe", "risky", "neutral"):
+            f.error("bad_value", f"classified_as={cls!r} is not safe|risky|neutral", file, idx)
+            return None
+        deltas = [_number(r.get(k), k, f, file, idx) for k in
+                  ("safe_stop_delta", "risky_stop_delta", "safe_bet_delta", "risky_bet_delta")]
+        effect = max((abs(d) for d in deltas[:2] if d is not None), default=None)
+        if cls in ("safe", "risky"):
+            direction = cls
+        else:
+            direction = ("safe" if (cohen_d or 0) >= 0 else "risky") if is_causal else "neutral"
+        schema = "flat"
+        values = {k: r[k] for k in sorted(r) if k not in ("feature", "layer", "feature_id")}
+    else:
+        f.error("unknown_schema", "result has neither 'is_causal' (flat) nor 'causality' (nested)", file, idx)
+        return None
+    if len(f.errors) > n_err:
+        return None  # a bad number: the record is not used
+    return FeatureResult(feature=f"L{layer}-{fid}", layer=layer, feature_id=fid, cohen_d=cohen_d,
+                         effect_size=effect, is_causal=is_causal, direction=direction, schema_=schema,
+                         source_file=file, values=values)
+
+
+def _file_time(path: Path, body: dict) -> str:
+    """Newest-wins order: the checkpoint's timestamp, else the one in its name, else mtime."""
+    ts = body.get("timestamp")
+    if isinstance(ts, str) and TS_RE.fullmatch(ts):
+        return ts
+    m = TS_RE.search(path.name)
+    return m.group(1) if m else f"mtime:{path.stat().st_mtime:020.6f}"
+
+
+def read_checkpoints(paths: list[Path], f: Findings, progress: Progress | None = None
+                     ) -> tuple[dict[str, FeatureResult], dict]:
+    """Cumulative checkpoints (either schema, either file name) -> one record per feature.
+
+    Files are taken oldest first, so the newest file wins; a feature whose values differ
+    between two files is a warning naming both.
+    """
+    counts = {"files_found": len(paths), "files_read": 0, "files_failed": 0, "records": 0}
+    dated = []
+    for path in paths:
+        body = read_json(path, f)
+        if progress:
+            progress(path, path.stat().st_size if path.is_file() else 0)
+        if body is None:
+            counts["files_failed"] += 1
+            continue
+        if not isinstance(body, dict) or not isinstance(body.get("results"), list):
+            f.error("bad_checkpoint", "a checkpoint must be an object with a 'results' list", path)
+            counts["files_failed"] += 1
+            continue
+        counts["files_read"] += 1
+        recs = [normalise_result(r, str(path), i, f) for i, r in enumerate(body["results"])]
+        counts["records"] += len(recs)
+        dated.append((_file_time(path, body), str(path), [(i, r) for i, r in enumerate(recs) if r is not None]))
+    features: dict[str, FeatureResult] = {}
+    for _ts, file, recs in sorted(dated):
+        for i, rec in recs:
+            old = features.get(rec.feature)
+            if old is not None and old.values != rec.values:
+                f.warn("duplicate_disagrees", f"{rec.feature} differs between {old.source_file} and {file}; "
+                       "the newer file wins", file, i)
+            features[rec.feature] = rec
+    return features, counts
+
+
+# -- the summary CSV -----------------------------------------------------------------------
+
+
+def read_summary_csv(path: Path, f: Findings) -> dict[str, FeatureResult]:
+    """The feature-group summary: no cohen_d; effect size = the largest |stop delta|."""
+    out: dict[str, FeatureResult] = {}
+    try:
+        with _open(path) as raw:
+            text = raw.read().decode("utf-8")
+    except OSError as e:
+        _io_error(path, e, f)
+        return out
+    except UnicodeDecodeError as e:
+        f.error("not_utf8", f"not UTF-8 text ({e.reason} at byte {e.start})", path)
+        return out
+    reader = csv.DictReader(text.splitlines())
+    if not reader.fieldnames or "feature" not in reader.fieldnames or "classified_as" not in reader.fieldnames:
+        f.error("bad_header", "the CSV needs 'feature' and 'classified_as' columns", path)
+        return out
+    for i, row in enumerate(reader):
+        parsed = parse_feature(row.get("feature"))
+        if parsed is None:
+            f.error("bad_record", f"feature {row.get('feature')!r} is not L{{n}}-{{id}}", path, i)
+            continue
+        deltas, bad = [], False
+        for k in [c for c in reader.fieldnames if c.endswith("_delta")]:
+            v = row.get(k)
+            if v in (None, ""):
+                continue  # the real file has empty cells
+            try:
+                x = float(v)
+            except ValueError:
+                f.error("bad_type", f"'{k}' is not a number: {v!r}", path, i)
+                bad = True
+                continue
+            if not math.isfinite(x):
+                f.error("not_finite", f"'{k}' is {v}", path, i)
+                bad = True
+            elif k.endswith("stop_delta"):
+                deltas.append(abs(x))
+        cls = row.get("classified_as")
+        if cls not in ("safe", "risky", "neutral"):
+            f.error("bad_value", f"classified_as={cls!r} is not safe|risky|neutral", path, i)
+            continue
+        if bad:
+            continue
+        out[row["feature"]] = FeatureResult(
+            feature=row["feature"], layer=parsed[0], feature_id=parsed[1], effect_size=max(deltas, default=None),
+            is_causal=cls != "neutral", direction=cls, schema_="summary_csv", source_file=str(path), values=row)
+    return out
+
+
+# -- response logs (streamed) --------------------------------------------------------------
+
+
+def iter_entries(path: Path, f: Findings) -> Iterator[tuple[int, Any]]:
+    """(record index, entry) of a JSON-list or JSONL file, streamed; problems become findings."""
+    try:
+        fh = _open(path)
+    except OSError as e:
+        _io_error(path, e, f)
+        return
+    with fh:
+        head = fh.read(1 << 16)
+        if not head.strip():
+            f.error("empty_file", "file is empty", path)
+            return
+        fh.seek(0)
+        if path.suffix == ".jsonl" or not head.lstrip().startswith(b"["):
+            if path.suffix != ".jsonl" and head.lstrip().startswith(b"{"):
+                f.error("bad_log", "a response log must be a JSON list (or JSONL)", path)
+                return
+            for i, line in enumerate(fh):
+                if not line.strip():
+                    continue
+                try:
+                    yield i, json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
+                except UnicodeDecodeError as e:
+                    f.error("not_utf8", f"line {i + 1} is not UTF-8 ({e.reason})", path, i)
+                except ValueError as e:
+                    f.error("bad_json", f"line {i + 1}: {e}", path, i)
+            return
+        i = -1
+        try:
+            for i, entry in enumerate(ijson.items(fh, "item", use_float=True)):
+                yield i, entry
+        except UnicodeDecodeError as e:
+            f.error("not_utf8", f"not UTF-8 after record {i} ({e.reason})", path, i + 1)
+        except (ijson.JSONError, ValueError) as e:
+            f.error("bad_json", f"not valid JSON after record {i}: {e}", path, i + 1)
+
+
+def normalise_trial(e: Any, file: str, idx: int, f: Findings) -> Trial | None:
+    if not isinstance(e, dict):
+        f.error("bad_record", f"log entry is a {type(e).__name__}, not an object", file, idx)
+        return None
+    name = e.get("feature")
+    if parse_feature(name) is None:
+        f.error("missing_field", f"log entry has no valid 'feature' (got {name!r})", file, idx)
+        return None
+    cond = e.get("condition")
+    if not isinstance(cond, str) or not cond:
+        f.error("missing_field", "log entry lacks 'condition'", file, idx)
+        return None
+    parsed = e.get("parsed") if isinstance(e.get("parsed"), dict) else {}
+    bet = parsed.get("bet")
+    bet = float(bet) if isinstance(bet, (int, float)) and not isinstance(bet, bool) and math.isfinite(bet) else None
+    resp = e.get("response")
+    trial = e.get("trial")
+    return Trial(feature=name, condition=cond, trial=trial if _int(trial) else None,
+                 response=resp if isinstance(resp, str) else None,
+                 action=parsed.get("action") if isinstance(parsed.get("action"), str) else None, bet=bet,
+                 valid=parsed.get("valid") if isinstance(parsed.get("valid"), bool) else None,
+                 source_file=file, record=idx)
+
+
+def read_revalidation(paths: list[Path], f: Findings, progress: Progress | None = None) -> Iterator[RevalidationTrial]:
+    """Revalidation JSONL lines as records; a bad line is an error naming file and line."""
+    from pydantic import ValidationError
+
+    for path in paths:
+        for i, e in iter_entries(path, f):
+            try:
+                yield RevalidationTrial.model_validate(e)
+            except ValidationError as err:
+                first = err.errors()[0]
+                f.error("bad_record", f"line {i + 1}: {'.'.join(map(str, first['loc']))}: {first['msg']}", path, i)
+        if progress:
+            progress(path, path.stat().st_size if path.is_file() else 0)
