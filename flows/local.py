@@ -7,14 +7,14 @@ import time
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact
 
+from flows.common import result_of
+from flows.pipeline import trace_pathways
 from pathflow.config import Config
-from pathflow.errors import PathflowError, quiet_user_errors
-from pathflow.pathways import plan_batches
+from pathflow.errors import quiet_user_errors
 from pathflow.provenance import provenance
 from storage.store import Store, git_commit, new_run_id
 from tasks.common import step
 from tasks.integrate import integrate_features
-from tasks.pathways import batch_jacobians, batch_replay, batch_topk, merge_pathways, prepare_jacobians
 from tasks.study import audit_study, select_features
 from tasks.tokens import token_associations
 
@@ -35,15 +35,7 @@ def local_flow(config: Config, run_id: str, feature: str | None = None) -> dict:
         target = sel["target"]
         logger.info("tracing %s (layer %d)", target["feature"], target["layer"])
         run.update(sae={**run.manifest()["sae"], **provenance(config, list(range(target["layer"] + 1)))["sae"]})
-        targets = [{**target, "index": 0}]
-        prepare_jacobians(config, store_url, run_id, targets)
-        cands, replayed = {}, {}
-        for batch in plan_batches(targets, config.gradients.batch_size):
-            bj = batch_jacobians(config, store_url, run_id, batch)
-            batch_cands = batch_topk(config, store_url, run_id, bj)
-            replayed.update(batch_replay(config, store_url, run_id, batch, batch_cands))
-            cands.update(batch_cands)
-        merge_pathways(config, store_url, run_id, cands, replayed)
+        replayed = trace_pathways(config, store_url, run_id, [{**target, "index": 0}])
         tokens = token_associations(config, store_url, run_id, [target])
         records = integrate_features(config, store_url, run_id, [target], audited["features"], replayed, tokens)
         with step(run, "prototype"):
@@ -62,13 +54,4 @@ def local_flow(config: Config, run_id: str, feature: str | None = None) -> dict:
 
 def run_local(config: Config, feature: str | None = None, run_id: str | None = None) -> dict:
     """Run the flow; a failed run raises PathflowError with the failure's message."""
-    state = local_flow(config=config, run_id=run_id or new_run_id(), feature=feature, return_state=True)
-    if not state.is_completed():
-        try:
-            state.result()
-        except PathflowError:
-            raise
-        except Exception as e:
-            raise PathflowError(f"flow run {state.name}: {type(e).__name__}: {e}") from e
-        raise PathflowError(f"flow run ended {state.name}: {state.message}")
-    return state.result()
+    return result_of(local_flow(config=config, run_id=run_id or new_run_id(), feature=feature, return_state=True))

@@ -248,6 +248,216 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+@app.command("run")
+def run_cmd(config: Path | None = ConfigOpt, store: str | None = StoreOpt,
+            resume: str | None = typer.Option(None, "--resume", help="finish run RUN_ID: recompute only what is "
+                                              "missing")) -> None:
+    """The full pipeline as a Prefect flow: every selected feature through every step."""
+    from .errors import PathflowError
+
+    if resume and config is None:
+        cfg = _config_of_run(store, resume)
+    else:
+        cfg = _load(config, store)
+    from flows.pipeline import run_pipeline
+    from storage.store import Store, new_run_id
+
+    run_id = resume or new_run_id()
+    run = Store(cfg.store.url).run(run_id)
+    try:
+        with _batch_progress(run):
+            result = run_pipeline(cfg, run_id=run_id, resume=bool(resume))
+    except PathflowError as e:
+        _fail(f"{e}\nthe run folder {run.url} can be resumed: pathflow run --resume {run_id}", 1)
+    from .integrate import summary_rows
+
+    rows = summary_rows(result["records"])
+    t = Table(title=f"{result['n_targets']} features traced")
+    for col in ("feature", "direction", "prompt", "n_validated", "sign_agreement", "spearman", "top_upstream"):
+        t.add_column(col)
+    for r in rows[:80]:
+        t.add_row(*[f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in
+                    ("feature", "direction", "prompt", "n_validated", "sign_agreement", "spearman", "top_upstream")])
+    console.print(t)
+    console.print(f"run [bold]{result['run_id']}[/] {result['status']}: [bold]{result['run_url']}[/]")
+
+
+def _config_of_run(store: str | None, run_id: str):
+    """The resolved config a run was started with, from its manifest."""
+    from storage.store import Store
+
+    from .config import Config, load_config
+
+    url = load_config(None, store=store).store.url
+    run = Store(url).run(run_id)
+    if not run.exists():
+        _fail(f"no run {run_id} in store {url} (give --store or set PATHFLOW_STORE)")
+    cfg = Config.model_validate(run.manifest()["config"])
+    cfg.store.url = url
+    return cfg
+
+
+class _batch_progress:
+    """A terminal progress bar fed by the run folder's batch markers (works for any executor)."""
+
+    def __init__(self, run) -> None:
+        self.run = run
+
+    def __enter__(self):
+        import threading
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("pathway batches"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=err, transient=True)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.bar.start()
+        self.thread.start()
+        return self
+
+    def _poll(self) -> None:
+        task = None
+        while not self.stop.wait(0.5):
+            try:
+                plan = self.run.read_json("pathways/plan.json")["batches"]
+            except Exception:
+                continue
+            if task is None:
+                task = self.bar.add_task("batches", total=len(plan))
+            done = sum(self.run.exists(f"pathways/parts/{b}.done.json") for b in plan)
+            self.bar.update(task, completed=done)
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(2)
+        self.bar.stop()
+
+
+runs_app = typer.Typer(help="the runs in a store: list, show, verify, diff", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+
+def _store(store: str | None):
+    from storage.store import Store
+
+    from .config import load_config
+
+    return Store(load_config(None, store=store).store.url)
+
+
+def _run_or_fail(store: str | None, run_id: str):
+    run = _store(store).run(run_id)
+    if not run.exists():
+        _fail(f"no run {run_id} in store {run.store.url}")
+    return run
+
+
+@runs_app.command("list")
+def runs_list(store: str | None = StoreOpt) -> None:
+    """Every run in the store, newest last."""
+    s = _store(store)
+    t = Table(title=f"runs in {s.url}")
+    for col in ("run", "status", "kind", "created", "outputs", "config"):
+        t.add_column(col)
+    for rid in s.run_ids():
+        try:
+            m = s.run(rid).manifest()
+        except Exception:
+            t.add_row(rid, "[red]no manifest[/]", "", "", "", "")
+            continue
+        t.add_row(rid, m.get("status", "?"), m.get("kind", ""), m.get("created", ""), str(len(m.get("outputs", {}))),
+                  m.get("config_hash", "")[:12])
+    console.print(t)
+
+
+@runs_app.command("show")
+def runs_show(run_id: str, store: str | None = StoreOpt) -> None:
+    """A run's manifest: status, versions, inputs, steps, outputs."""
+    m = _run_or_fail(store, run_id).manifest()
+    console.print(f"[bold]{run_id}[/] {m['status']}  created {m['created']}  pathflow {m.get('pathflow_version')}"
+                  f"  commit {m.get('git_commit') or '–'}  config {m['config_hash'][:12]}")
+    console.print(f"model {m['model']['name_or_path']} @ {m['model'].get('revision') or 'local'};  "
+                  f"SAEs {m['sae']['root']} ({len(m['sae'].get('layers', {}))} layers hashed);  "
+                  f"{len(m.get('inputs', {}))} input files hashed")
+    t = Table(title="steps")
+    for col in ("step", "status", "seconds"):
+        t.add_column(col)
+    for name, st in m.get("steps", {}).items():
+        t.add_row(name, st.get("status", ""), str(st.get("seconds", "")))
+    console.print(t)
+    console.print(f"{len(m.get('outputs', {}))} outputs with sha256" + (f"; error: {m['error']}" if m.get("error")
+                                                                         else ""))
+
+
+@runs_app.command("verify")
+def runs_verify(run_id: str, store: str | None = StoreOpt) -> None:
+    """Check every output's sha256 against the manifest. Exit 1 on any mismatch or missing file."""
+    run = _run_or_fail(store, run_id)
+    m = run.manifest()
+    if m.get("status") != "complete":
+        _fail(f"run {run_id} is {m.get('status')}, not complete: nothing to verify yet", 1)
+    present = set(run.files())
+    bad = []
+    for rel, digest in sorted(m["outputs"].items()):
+        if rel not in present:
+            bad.append((rel, "missing"))
+        elif run.sha256(rel) != digest:
+            bad.append((rel, "sha256 differs"))
+    extra = sorted(present - set(m["outputs"]))
+    for rel, why in bad:
+        console.print(f"[red]{why}[/] {rel}", highlight=False)
+    for rel in extra:
+        console.print(f"[yellow]not in the manifest[/] {rel}", highlight=False)
+    if bad:
+        _fail(f"{len(bad)} of {len(m['outputs'])} outputs do not match run {run_id}'s manifest", 1)
+    console.print(f"[green]ok[/]: {len(m['outputs'])} outputs match the manifest")
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@runs_app.command("diff")
+def runs_diff(run_a: str, run_b: str, store: str | None = StoreOpt) -> None:
+    """Config and result differences between two runs."""
+    a, b = _run_or_fail(store, run_a), _run_or_fail(store, run_b)
+    ma, mb = a.manifest(), b.manifest()
+    ca, cb = _flat(ma["config"]), _flat(mb["config"])
+    t = Table(title="config")
+    for col in ("key", run_a, run_b):
+        t.add_column(col)
+    for k in sorted(set(ca) | set(cb)):
+        if ca.get(k) != cb.get(k):
+            t.add_row(k, json.dumps(ca.get(k)), json.dumps(cb.get(k)))
+    console.print(t if t.row_count else "config: identical")
+    oa, ob = ma.get("outputs", {}), mb.get("outputs", {})
+    differ = sorted(k for k in set(oa) | set(ob) if oa.get(k) != ob.get(k))
+    console.print(f"outputs: {len(differ)} of {len(set(oa) | set(ob))} differ" + (": " + ", ".join(differ[:12])
+                                                                                  if differ else ""))
+    try:
+        va = a.read_json("pathways/validated_pathways.json")["targets"]
+        vb = b.read_json("pathways/validated_pathways.json")["targets"]
+    except Exception:
+        return
+    t = Table(title="pathways")
+    for col in ("feature", "prompt", f"top-5 {run_a}", f"top-5 {run_b}"):
+        t.add_column(col)
+    for feat in sorted(set(va) | set(vb)):
+        for prompt in sorted(set(va.get(feat, {})) | set(vb.get(feat, {}))):
+            ta = [c["feature"] for c in va.get(feat, {}).get(prompt, {}).get("candidates", [])[:5]]
+            tb = [c["feature"] for c in vb.get(feat, {}).get(prompt, {}).get("candidates", [])[:5]]
+            if ta != tb:
+                t.add_row(feat, prompt, " ".join(ta) or "–", " ".join(tb) or "–")
+    console.print(t if t.row_count else "pathways: the same top candidates")
+
+
 def main() -> None:
     try:
         app()

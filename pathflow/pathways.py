@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .batching import chunks, peak_memory, reset_peak, run_with_backoff
+from .batching import check_memory, chunks, peak_memory, reset_peak, run_with_backoff
 from .jacobian import jacobians
 from .model import PrefixCache
 from .replay import faithfulness, replay
@@ -64,8 +64,18 @@ class BatchJacobians:
     splits: list[int] = field(default_factory=list)
 
 
-def phase_a(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, n_layers: int, device) -> BatchJacobians:
-    """Jacobians of a batch on every prompt; halves the batch on out-of-memory."""
+def _batched(fn, items, backoff: bool, splits: list[int]):
+    """``fn`` over ``items``: halving on out-of-memory (``backoff``), or in one go (a caller such as a
+    Prefect retry decides the size)."""
+    if backoff:
+        return run_with_backoff(fn, items, on_split=splits.append)
+    check_memory(len(items))
+    return [(items, fn(items))]
+
+
+def phase_a(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, n_layers: int, device,
+            backoff: bool = True) -> BatchJacobians:
+    """Jacobians of a batch on every prompt; halves the batch on out-of-memory if ``backoff``."""
     t0 = time.perf_counter()
     reset_peak(device)
     layer, k = batch.layer, len(batch.targets)
@@ -81,7 +91,7 @@ def phase_a(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, n_layer
             return jacobians(model, saes, None, layer, [t["feature_id"] for t in sub], prefix=prefixes[name])
 
         row = 0
-        for sub, tj in run_with_backoff(fn, batch.targets, on_split=splits.append):
+        for sub, tj in _batched(fn, batch.targets, backoff, splits):
             n = len(sub)
             grad[row : row + n, p, :layer] = tj.grad.cpu().numpy()
             attr[row : row + n, p, :layer] = tj.attribution.cpu().numpy()
@@ -107,10 +117,12 @@ def phase_b(bj: BatchJacobians, k: int, score: str, min_abs_gradient: float) -> 
     return out
 
 
-def phase_c(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, candidates: dict, rc) -> dict:
+def phase_c(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, candidates: dict, rc,
+            backoff: bool = True, max_rows: int | None = None) -> dict:
     """Replay every candidate of every target of the batch: {feature: {prompt: {...}}}.
 
     ``rc``: the replay config (intervention, scale, steer_value, min_sign_agreement, min_abs_change).
+    Without ``backoff``, candidates are replayed ``max_rows`` at a time (default: all at once).
     """
     out = {}
     for t in batch.targets:
@@ -121,8 +133,10 @@ def phase_c(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, candida
                               prefix=prefixes[prompt], intervention=rc.intervention, steer_value=rc.steer_value)
 
             recs, base = [], None
-            for _sub, (b, r) in run_with_backoff(fn, cands) if cands else []:
-                base, recs = b, recs + r
+            parts = [cands] if backoff or not max_rows else list(chunks(cands, max_rows))
+            for part in parts if cands else []:
+                for _sub, (b, r) in _batched(fn, part, backoff, []):
+                    base, recs = b, recs + r
             for r in recs:
                 r["validated"] = bool(r["sign_agrees"] and abs(r["actual_change"]) >= rc.min_abs_change)
             out[t["feature"]][prompt] = {"baseline_pre": base, "candidates": recs,

@@ -15,6 +15,7 @@ import os
 import posixpath
 import secrets
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+_MANIFEST_LOCK = threading.RLock()  # tasks of one process update the manifest one at a time
 
 
 def now() -> str:
@@ -152,17 +154,19 @@ class Run:
         return m
 
     def update(self, **changes: Any) -> dict:
-        m = self.manifest()
-        m.update(changes)
-        m["updated"] = now()
-        self.write_json(MANIFEST, m)
-        return m
+        with _MANIFEST_LOCK:
+            m = self.manifest()
+            m.update(changes)
+            m["updated"] = now()
+            self.write_json(MANIFEST, m)
+            return m
 
     def step(self, name: str, status: str, **info: Any) -> None:
-        m = self.manifest()
-        m["steps"].setdefault(name, {}).update({"status": status, "at": now(), **info})
-        m["updated"] = now()
-        self.write_json(MANIFEST, m)
+        with _MANIFEST_LOCK:
+            m = self.manifest()
+            m["steps"].setdefault(name, {}).update({"status": status, "at": now(), **info})
+            m["updated"] = now()
+            self.write_json(MANIFEST, m)
 
     def complete(self) -> dict:
         """Hash every output, then mark the run complete (the last write of a run)."""

@@ -1,21 +1,47 @@
-"""Step 3 as Prefect tasks, one per batch of targets: Jacobians (3A), top-k (3B), replay (3C).
+"""Step 3 as Prefect tasks: one task run per batch of targets (phases A, B and C).
 
-Model work is tagged ``gpu`` so a tag concurrency limit can cap it. Each batch writes its own
-rows (whole chunks) of ``jacobians.zarr`` and its own JSON part files, so batches never share
-a file; the flow merges the parts.
+A batch writes only its own rows (whole chunks) of ``jacobians.zarr`` and its own part files,
+and last of all its completion marker ``pathways/parts/<batch>.done.json``: a resumed run
+skips every batch whose marker exists and reads its parts back.
+
+Out of memory: the task is retried (only for out-of-memory) with the batch processed in
+sub-batches half the size on each attempt (``batch_size_for_attempt``); any other error fails
+at once. Model work is tagged ``gpu`` so a tag concurrency limit can cap it.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
+import time
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
+from pathflow.batching import batch_size_for_attempt, chunks, is_oom
 from pathflow.config import Config
 from pathflow.context import get_context
-from pathflow.pathways import Batch, BatchJacobians, phase_a, phase_b, phase_c
+from pathflow.pathways import Batch, phase_a, phase_b, phase_c
 from storage.arrays import create_jacobians, open_jacobians, write_rows
 
-from .common import open_run, step
+from .common import open_run
+
+OOM_RETRIES = 6  # 64 -> 1 in six halvings
+_MODEL_LOCK = threading.Lock()  # hooks live on the shared model: one batch at a time per process
+
+
+def done_marker(batch_name: str) -> str:
+    return f"pathways/parts/{batch_name}.done.json"
+
+
+def retry_on_oom(task, task_run, state) -> bool:
+    """Prefect retry condition: only out-of-memory errors are retried."""
+    try:
+        state.result()
+    except Exception as e:
+        return is_oom(e)
+    return False
 
 
 @task(name="prepare-jacobians", task_run_name="prepare-jacobians", tags=["gpu"], cache_policy=NONE)
@@ -28,50 +54,60 @@ def prepare_jacobians(cfg: Config, store_url: str, run_id: str, targets: list[di
                      ctx.n_layers, d_sae)
 
 
-@task(name="jacobians", task_run_name="jacobians-{batch.name}", tags=["gpu"], cache_policy=NONE)
-def batch_jacobians(cfg: Config, store_url: str, run_id: str, batch: Batch) -> BatchJacobians:
-    """Phase A for one batch on every prompt; writes the batch's rows of jacobians.zarr."""
-    ctx = get_context(cfg)
+@task(name="pathways", task_run_name="pathways-{batch.name}", tags=["gpu"], cache_policy=NONE,
+      retries=OOM_RETRIES, retry_condition_fn=retry_on_oom)
+def batch_pathways(cfg: Config, store_url: str, run_id: str, batch: Batch) -> dict:
+    """Phases A–C for one batch; returns {"candidates": {...}, "validated": {...}, "marker": {...}}."""
+    from prefect.runtime import task_run
+
     run = open_run(store_url, run_id)
-    with step(run, f"jacobians/{batch.name}", targets=[t["feature"] for t in batch.targets]):
-        bj = phase_a(ctx.model, ctx.saes, ctx.prefixes(), batch, ctx.n_layers, ctx.device)
-        write_rows(open_jacobians(run.zarr_store("jacobians.zarr")), [t["index"] for t in batch.targets],
-                   bj.grad, bj.attribution)
-        run.write_json(f"pathways/parts/{batch.name}.memory.json", {"batch": batch.name, "memory": bj.memory,
-                       "seconds": bj.seconds, "oom_splits": bj.splits})
-    return bj
-
-
-@task(name="topk", task_run_name="topk-{bj.batch.name}", cache_policy=NONE)
-def batch_topk(cfg: Config, store_url: str, run_id: str, bj: BatchJacobians) -> dict:
-    run = open_run(store_url, run_id)
-    with step(run, f"topk/{bj.batch.name}"):
-        k = cfg.topk
-        cands = phase_b(bj, k.k, k.score, k.min_abs_gradient)
-        run.write_json(f"pathways/parts/{bj.batch.name}.candidates.json", cands)
-    return cands
-
-
-@task(name="replay", task_run_name="replay-{batch.name}", tags=["gpu"], cache_policy=NONE)
-def batch_replay(cfg: Config, store_url: str, run_id: str, batch: Batch, cands: dict) -> dict:
-    ctx = get_context(cfg)
-    run = open_run(store_url, run_id)
-    with step(run, f"replay/{batch.name}"):
-        result = phase_c(ctx.model, ctx.saes, ctx.prefixes(), batch, cands, cfg.replay)
-        run.write_json(f"pathways/parts/{batch.name}.validated.json", result)
     logger = get_run_logger()
-    for feature, per_prompt in result.items():
+    if run.exists(done_marker(batch.name)):  # finished before an interruption: read it back
+        logger.info("%s: done in an earlier attempt, not recomputed", batch.name)
+        return {"candidates": run.read_json(f"pathways/parts/{batch.name}.candidates.json"),
+                "validated": run.read_json(f"pathways/parts/{batch.name}.validated.json"),
+                "marker": run.read_json(done_marker(batch.name)), "resumed": True}
+    attempt = task_run.run_count or 1
+    size = batch_size_for_attempt(cfg.gradients.batch_size, attempt)
+    if attempt > 1:
+        logger.warning("%s: attempt %d after out-of-memory, sub-batches of %d", batch.name, attempt, size)
+    ctx = get_context(cfg)
+    t0 = time.perf_counter()
+    cands, validated, memory = {}, {}, []
+    with _MODEL_LOCK:
+        prefixes = ctx.prefixes()
+        for j, part in enumerate(chunks(batch.targets, size)):
+            sub = Batch(name=f"{batch.name}.{j}", layer=batch.layer, targets=list(part))
+            bj = phase_a(ctx.model, ctx.saes, prefixes, sub, ctx.n_layers, ctx.device, backoff=False)
+            write_rows(open_jacobians(run.zarr_store("jacobians.zarr")), [t["index"] for t in sub.targets],
+                       bj.grad, bj.attribution)
+            c = phase_b(bj, cfg.topk.k, cfg.topk.score, cfg.topk.min_abs_gradient)
+            validated.update(phase_c(ctx.model, ctx.saes, prefixes, sub, c, cfg.replay, backoff=False,
+                                      max_rows=size if attempt > 1 else None))
+            cands.update(c)
+            memory.append(bj.memory)
+    run.write_json(f"pathways/parts/{batch.name}.candidates.json", cands)
+    run.write_json(f"pathways/parts/{batch.name}.validated.json", validated)
+    marker = {"batch": batch.name, "targets": [t["feature"] for t in batch.targets], "attempt": attempt,
+              "sub_batch_size": size, "seconds": round(time.perf_counter() - t0, 4),
+              "peak_memory_bytes": max(m["bytes"] for m in memory), "memory_kind": memory[0]["kind"],
+              "host": socket.gethostname(), "pid": os.getpid(), "finished": time.time()}
+    run.write_json(done_marker(batch.name), marker)  # last: the batch counts as done only now
+    for feature, per_prompt in validated.items():
         for prompt, r in per_prompt.items():
             f = r["faithfulness"]
-            logger.info("%s on %s: %d candidates, sign agreement %.2f, Spearman %s", feature, prompt,
-                        f["n_candidates"], f["sign_agreement"] or 0, f["spearman"])
-    return result
+            logger.info("%s on %s: %d candidates, sign agreement %.2f", feature, prompt, f["n_candidates"],
+                        f["sign_agreement"] or 0)
+    return {"candidates": cands, "validated": validated, "marker": marker, "resumed": False}
 
 
 @task(name="merge-pathways", task_run_name="merge-pathways", cache_policy=NONE)
-def merge_pathways(cfg: Config, store_url: str, run_id: str, cands: dict, replayed: dict) -> None:
+def merge_pathways(cfg: Config, store_url: str, run_id: str, results: list[dict]) -> dict:
     """Join the batches' parts into pathways/candidates.json and pathways/validated_pathways.json."""
     run = open_run(store_url, run_id)
-    with step(run, "merge-pathways"):
-        run.write_json("pathways/candidates.json", {"topk": cfg.topk.model_dump(), "targets": cands})
-        run.write_json("pathways/validated_pathways.json", {"replay": cfg.replay.model_dump(), "targets": replayed})
+    cands = {k: v for r in results for k, v in r["candidates"].items()}
+    validated = {k: v for r in results for k, v in r["validated"].items()}
+    run.write_json("pathways/candidates.json", {"topk": cfg.topk.model_dump(), "targets": cands})
+    run.write_json("pathways/validated_pathways.json", {"replay": cfg.replay.model_dump(), "targets": validated})
+    run.write_json("pathways/batches.json", {"batches": [r["marker"] for r in results]})
+    return validated

@@ -1,0 +1,89 @@
+"""The full pipeline of DESIGN §1 as one flow run: ``pathflow run`` and the deployments."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, unmapped
+from prefect.artifacts import create_link_artifact, create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
+
+from flows.common import result_of
+from pathflow.config import Config
+from pathflow.errors import PathflowError, quiet_user_errors
+from pathflow.pathways import plan_batches
+from pathflow.provenance import provenance
+from storage.store import Store, git_commit, new_run_id
+from tasks.common import open_run, step
+from tasks.integrate import integrate_features
+from tasks.pathways import batch_pathways, merge_pathways, prepare_jacobians
+from tasks.study import audit_study, select_features
+from tasks.tokens import token_associations
+
+quiet_user_errors()
+
+
+def trace_pathways(config: Config, store_url: str, run_id: str, targets: list[dict]) -> dict:
+    """Phases A–C over every target: batches by layer, mapped, with a progress artifact."""
+    with step(open_run(store_url, run_id), "pathways", targets=len(targets)):
+        prepare_jacobians(config, store_url, run_id, targets)
+        batches = plan_batches(targets, config.gradients.batch_size)
+        run = open_run(store_url, run_id)
+        run.write_json("pathways/plan.json", {"batches": [b.name for b in batches]})  # for progress displays
+        progress = create_progress_artifact(0.0, key="pathflow-progress",
+                                            description=f"pathway batches of run {run_id}")
+        futures = batch_pathways.map(unmapped(config), unmapped(store_url), unmapped(run_id), batches)
+        done: dict[str, dict] = {}
+        for fut in as_completed(futures):
+            r = fut.result()
+            done[r["marker"]["batch"]] = r
+            update_progress_artifact(progress, 100.0 * len(done) / len(batches))
+        return merge_pathways(config, store_url, run_id, [done[b.name] for b in batches])
+
+
+def start_or_resume(config: Config, run_id: str, resume: bool, kind: str, **extra) -> object:
+    run = Store(config.store.url).run(run_id)
+    if not resume:
+        run.start({**provenance(config), "git_commit": git_commit(), "kind": kind, **extra})
+        return run
+    if not run.exists():
+        raise PathflowError(f"no run {run_id} in store {config.store.url}")
+    m = run.manifest()
+    if m["config_hash"] != config.hash():
+        raise PathflowError(f"run {run_id} was made with another config (hash {m['config_hash'][:12]}…); "
+                            "resume it with the config in its manifest")
+    run.update(status="running", resumes=m.get("resumes", 0) + 1)
+    return run
+
+
+@flow(name="pathflow-run", flow_run_name="run-{run_id}", log_prints=True)
+def pipeline_flow(config: Config, run_id: str, resume: bool = False) -> dict:
+    """Audit → select → Jacobians → top-k → replay (mapped over batches) → tokens → integrate."""
+    logger = get_run_logger()
+    store_url = config.store.url
+    run = start_or_resume(config, run_id, resume, "pipeline")
+    try:
+        audited = audit_study(config, store_url, run_id)
+        selected = select_features(config, store_url, run_id, audited)["selected"]
+        skipped = [s["feature"] for s in selected if s["layer"] == 0]
+        if skipped:
+            logger.warning("not traced (layer 0 has no upstream SAE features): %s", ", ".join(skipped))
+        targets = [{**s, "index": i} for i, s in enumerate(s for s in selected if s["layer"] > 0)]
+        if not targets:
+            raise PathflowError("no selected feature above layer 0 to trace")
+        logger.info("tracing %d features in %d layers", len(targets), len({t["layer"] for t in targets}))
+        run.update(sae=provenance(config, sorted({l for t in targets for l in range(t["layer"] + 1)}))["sae"])
+        validated = trace_pathways(config, store_url, run_id, targets)
+        tokens = token_associations(config, store_url, run_id, targets)
+        records = integrate_features(config, store_url, run_id, targets, audited["features"], validated, tokens)
+        manifest = run.complete()
+    except BaseException as e:
+        run.fail(f"{type(e).__name__}: {e}")
+        raise
+    create_link_artifact(key="pathflow-run-folder", link=run.url, description=f"run folder of {run_id}")
+    return {"run_id": run_id, "run_url": run.url, "status": manifest["status"], "n_targets": len(targets),
+            "records": records}
+
+
+def run_pipeline(config: Config, run_id: str | None = None, resume: bool = False) -> dict:
+    """Run the flow; a failed run raises PathflowError with the failure's message."""
+    state = pipeline_flow(config=config, run_id=run_id or new_run_id(), resume=resume, return_state=True)
+    return result_of(state)
