@@ -73,6 +73,7 @@ def batch_pathways(cfg: Config, store_url: str, run_id: str, batch: Batch) -> di
         logger.warning("%s: attempt %d after out-of-memory, sub-batches of %d", batch.name, attempt, size)
     ctx = get_context(cfg)
     t0 = time.perf_counter()
+    time.sleep(float(os.environ.get("PATHFLOW_BATCH_DELAY_S", "0")))  # debugging aid: slow batches down
     cands, validated, memory = {}, {}, []
     with _MODEL_LOCK:
         prefixes = ctx.prefixes()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 
 from pathflow.config import Config
@@ -24,6 +25,11 @@ def audit_study(cfg: Config, store_url: str, run_id: str) -> dict:
                 c["causal_total"], len(report["errors"]), len(report["warnings"]))
     for e in report["errors"][:10]:
         logger.warning("study error %s: %s (%s, record %s)", e["code"], e["message"], e["file"], e["record"])
+    rows = [{"what": "features", "count": c["features_total"]}, {"what": "causal", "count": c["causal_total"]}]
+    rows += [{"what": f"causal {k}", "count": v} for k, v in c["causal_by_direction"].items()]
+    rows += [{"what": f"causal in layer {k}", "count": v} for k, v in c["causal_by_layer"].items()]
+    rows += [{"what": "errors", "count": len(report["errors"])}, {"what": "warnings", "count": len(report["warnings"])}]
+    create_table_artifact(key="pathflow-audit", table=rows, description=f"study audit of run {run_id}")
     return {"report": report, "features": {k: v.model_dump() for k, v in features.items()}}
 
 

@@ -1,8 +1,57 @@
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "llm-addiction"
+
+
+def clean_env(**extra):
+    """The environment of a CLI subprocess: no Prefect or pathflow settings of the caller."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "PATHFLOW_"))}
+    e.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra})
+    return e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A real `prefect server start` on loopback (SQLite), for runs that report to an API."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=clean_env(PREFECT_HOME=str(home)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        for _ in range(120):
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                pytest.fail("prefect server exited")
+            time.sleep(1)
+        else:
+            pytest.fail("prefect server did not become healthy in 120 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

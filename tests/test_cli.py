@@ -3,10 +3,8 @@
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -36,38 +34,6 @@ def env(**extra):
 
 def cli(args, cwd, timeout=300, **extra):
     return subprocess.run(PATHFLOW + args, cwd=cwd, env=env(**extra), capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory):
-    """A real `prefect server start` on loopback (SQLite), for runs that report to an API."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env(PREFECT_HOME=str(home)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        for _ in range(120):
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                pytest.fail("prefect server exited")
-            time.sleep(1)
-        else:
-            pytest.fail("prefect server did not become healthy in 120 s")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def check_run(run_dir: Path) -> dict:
