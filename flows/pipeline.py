@@ -54,10 +54,32 @@ def start_or_resume(config: Config, run_id: str, resume: bool, kind: str, **extr
     return run
 
 
-@flow(name="pathflow-run", flow_run_name="run-{run_id}", log_prints=True)
-def pipeline_flow(config: Config, run_id: str, resume: bool = False) -> dict:
-    """Audit → select → Jacobians → top-k → replay (mapped over batches) → tokens → integrate."""
+def _auto_run_id() -> str:
+    """A run id for a run started without one (a deployment run): date + the flow run's id."""
+    from prefect.runtime import flow_run
+
+    return new_run_id().rsplit("-", 1)[0] + "-" + str(flow_run.id)[:8]
+
+
+def _flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return f"run-{flow_run.parameters.get('run_id') or str(flow_run.id)[:8]}"
+
+
+@flow(name="pathflow-run", flow_run_name=_flow_run_name, log_prints=True)
+def pipeline_flow(config: Config | str, run_id: str | None = None, resume: bool = False) -> dict:
+    """Audit → select → Jacobians → top-k → replay (mapped over batches) → tokens → integrate.
+
+    ``config``: the config, or the path of its YAML file on the worker (``PATHFLOW_STORE`` there
+    overrides its store). ``run_id``: a new run's id (default: the date and the flow run's id), or
+    the run to finish when ``resume``.
+    """
+    from pathflow.config import load_config
+
     logger = get_run_logger()
+    config = load_config(config) if isinstance(config, str) else config
+    run_id = run_id or _auto_run_id()
     store_url = config.store.url
     run = start_or_resume(config, run_id, resume, "pipeline")
     try:
