@@ -358,16 +358,17 @@ def runs_list(store: str | None = StoreOpt) -> None:
     """Every run in the store, newest last."""
     s = _store(store)
     t = Table(title=f"runs in {s.url}")
-    for col in ("run", "status", "kind", "created", "outputs", "config"):
-        t.add_column(col)
+    t.add_column("run", no_wrap=True, min_width=22)
+    for col in ("status", "kind", "created", "outputs", "config"):
+        t.add_column(col, overflow="fold", no_wrap=col != "created")
     for rid in s.run_ids():
         try:
             m = s.run(rid).manifest()
         except Exception:
             t.add_row(rid, "[red]no manifest[/]", "", "", "", "")
             continue
-        t.add_row(rid, m.get("status", "?"), m.get("kind", ""), m.get("created", ""), str(len(m.get("outputs", {}))),
-                  m.get("config_hash", "")[:12])
+        t.add_row(rid, m.get("status", "?"), m.get("kind", ""), m.get("created", "").replace("+00:00", "Z"),
+                  str(len(m.get("outputs", {}))), m.get("config_hash", "")[:8])
     console.print(t)
 
 
