@@ -47,6 +47,8 @@ def start_or_resume(config: Config, run_id: str, resume: bool, kind: str, **extr
     if not run.exists():
         raise PathflowError(f"no run {run_id} in store {config.store.url}")
     m = run.manifest()
+    if m["status"] == "complete":
+        raise PathflowError(f"run {run_id} is complete; a complete run is never changed (start a new run)")
     if m["config_hash"] != config.hash():
         raise PathflowError(f"run {run_id} was made with another config (hash {m['config_hash'][:12]}…); "
                             "resume it with the config in its manifest")

@@ -40,6 +40,16 @@ def test_newest_file_wins_and_disagreement_names_both_files(tmp_path):
     assert n.is_causal and n.direction == "risky" and n.effect_size == pytest.approx(0.3)
 
 
+def test_plan_file_name_and_globs(tmp_path):
+    """The plan's own file name, comprehensive_patching_checkpoint_*.json, is read like the others."""
+    ck(tmp_path / "comprehensive_patching_checkpoint_20251003_090000.json", "20251003_090000", [NESTED])
+    ck(tmp_path / "checkpoint_L1_2_p_20251001_100000.json", "20251001_100000", [FLAT])
+    cfg = load_config(None).model_copy(deep=True)
+    cfg.study.checkpoints = [str(tmp_path / "comprehensive_*.json"), str(tmp_path / "checkpoint_L1_*.json")]
+    report, feats = audit(cfg)
+    assert set(feats) == {"L1-5", "L2-9"} and report["counts"]["by_schema"] == {"flat": 1, "nested": 1}
+
+
 def test_selection_top_n_per_layer(tmp_path):
     results = [{**FLAT, "feature": f"L1-{i}", "feature_id": i, "cohen_d": d}
                for i, d in [(1, 0.5), (2, -2.0), (3, 1.0)]] + [NESTED]
