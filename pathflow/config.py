@@ -96,6 +96,17 @@ class ReplayConfig(_Strict):
                                   "|actual change| is at least this")
 
 
+class TokensConfig(_Strict):
+    top: int = Field(10, ge=1, description="tokens (and contexts) kept per view")
+    window: int = Field(6, ge=0, description="tokens of context either side of an activation maximum")
+    responses: int = Field(64, ge=0, description="logged responses per feature read for activation maxima")
+    contrasts: list[tuple[str, str]] = Field(
+        default_factory=lambda: [("safe_with_risky_patch", "safe_with_safe_patch"),
+                                 ("risky_with_risky_patch", "risky_with_safe_patch")],
+        description="(patched, baseline) condition pairs for the 'changes' view")
+    alpha0: float = Field(100.0, gt=0, description="strength of the Dirichlet prior of the log-odds")
+
+
 class StoreConfig(_Strict):
     url: str = "./pathflow-store"
 
@@ -108,6 +119,7 @@ class Config(_Strict):
     gradients: GradientsConfig = Field(default_factory=GradientsConfig)
     topk: TopkConfig = Field(default_factory=TopkConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    tokens: TokensConfig = Field(default_factory=TokensConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
 
     def hash(self) -> str:

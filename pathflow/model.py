@@ -143,6 +143,14 @@ def run(model, input_ids: torch.Tensor) -> None:
         pass
 
 
+def run_masked(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """Forward a right-padded batch [batch, seq]; a ``stop_after`` hook ends it early."""
+    try:
+        model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+
+
 def resid_post(model, input_ids: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
     """resid_post of ``layers`` for ``input_ids`` [batch, seq] -> {layer: [batch, seq, d_model]}."""
     with torch.no_grad(), resid_hooks(model, capture=set(layers), stop_after=max(layers)) as store:

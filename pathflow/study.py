@@ -69,6 +69,21 @@ def read_response_logs(paths: list[Path], conditions: list[str], f: Findings, pr
     return {"trials": {k: dict(v) for k, v in trials.items()}, "counts": counts}
 
 
+def collect_responses(cfg: Config, features: set[str], per_condition: int = 500) -> dict[str, dict[str, list[str]]]:
+    """Logged responses of ``features``: {feature: {condition: [text]}}, at most ``per_condition`` each
+    (streamed; bad records are skipped here, the audit reports them)."""
+    out: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    f = Findings()
+    for path in expand(cfg.study.response_logs):
+        for i, e in iter_entries(path, f):
+            t = normalise_trial(e, str(path), i, f)
+            if t is not None and t.feature in features and t.response:
+                texts = out[t.feature][t.condition]
+                if len(texts) < per_condition:
+                    texts.append(t.response)
+    return {k: dict(v) for k, v in out.items()}
+
+
 def _metadata(local: Path, repo: str, filename: str) -> dict | None:
     """A small metadata JSON: the local file, else ``filename`` of hub ``repo`` from the hub client's
     cache. Never downloads, never reads weights."""

@@ -1,4 +1,10 @@
-"""Step 4 (first view): the tokens a feature writes towards, by logit lens.
+"""Step 4: the tokens each feature is tied to, three ways, with the model's own tokenizer.
+
+writes:  logit lens of the decoder direction (what the feature promotes and suppresses);
+reads:   where in the prompts and logged responses it activates most;
+changes: tokens over- and under-represented in responses under a patch vs its baseline.
+
+Writes: the tokens a feature writes towards, by logit lens.
 
 The decoder direction d = W_D[i]/s [d_model] is passed through the final RMSNorm's weight
 and the unembedding: logits = W_U @ (d ⊙ w_norm)  [vocab]. (The norm's scale by 1/rms is a
@@ -6,6 +12,9 @@ positive factor shared by every token, so it does not change the ranking.)
 """
 
 from __future__ import annotations
+
+import math
+from collections import Counter
 
 import torch
 
@@ -33,3 +42,92 @@ def writes(sae: SAE, feature: int, norm_weight, W_U, tokenizer, top: int = 10) -
     ]
     return {"promoted": fmt(hi.indices.tolist(), hi.values.tolist()),
             "suppressed": fmt(lo.indices.tolist(), (-lo.values).tolist())}
+
+
+# -- reads: where a feature activates most ---------------------------------------------------
+
+
+@torch.no_grad()
+def activation_maxima(model, saes, tokenizer, texts: list[str], features: list[tuple[int, int]], top: int = 10,
+                      window: int = 6, batch_size: int = 8) -> dict[tuple[int, int], list[dict]]:
+    """The ``top`` (text, position) pairs where each feature's activation is largest.
+
+    Texts are run in batches (right-padded, padding masked out); only the layers the features
+    live in are read. Returns {(layer, id): [{value, text, position, token, context}]}, best first.
+    """
+    from .model import resid_hooks, run_masked
+
+    layers = sorted({l for l, _ in features})
+    best: dict[tuple[int, int], list[tuple[float, int, int]]] = {f: [] for f in features}
+    enc = [tokenizer(t).input_ids for t in texts]
+    for start in range(0, len(enc), batch_size):
+        chunk = enc[start : start + batch_size]
+        width = max(len(x) for x in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, x in enumerate(chunk):
+            ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+        device = next(model.parameters()).device
+        with resid_hooks(model, capture=set(layers), stop_after=max(layers)) as hs:
+            run_masked(model, ids.to(device), mask.to(device))
+        for layer, fid in features:
+            sae = saes[layer]
+            pre = (sae.scale * hs[layer].to(sae.W_enc.dtype)) @ sae.W_enc[fid] + sae.b_enc[fid]  # [b, seq]
+            act = sae.gate(pre).float().cpu().masked_fill(mask == 0, float("-inf"))
+            k = min(top, int(mask.sum()))
+            vals, flat = torch.topk(act.flatten(), k)
+            best[(layer, fid)] += [(float(v), start + int(i) // width, int(i) % width)
+                                   for v, i in zip(vals, flat) if v > 0]
+    out = {}
+    for f, hits in best.items():
+        hits = sorted(hits, key=lambda h: (-h[0], h[1], h[2]))[:top]
+        out[f] = [{"value": v, "text": t, "position": p, "token": token_text(tokenizer, enc[t][p]),
+                   "context": tokenizer.decode(enc[t][max(0, p - window) : p], skip_special_tokens=True)
+                   + "⟦" + token_text(tokenizer, enc[t][p]) + "⟧"
+                   + tokenizer.decode(enc[t][p + 1 : p + 1 + window], skip_special_tokens=True)}
+                  for v, t, p in hits]
+    return out
+
+
+# -- changes: tokens over- and under-represented under a patch (Monroe et al. 2008) ---------------
+
+
+def token_counts(tokenizer, texts) -> Counter:
+    """Token-id counts of ``texts`` (no special tokens)."""
+    c: Counter = Counter()
+    for t in texts:
+        c.update(tokenizer(t, add_special_tokens=False).input_ids)
+    return c
+
+
+def log_odds(a: Counter, b: Counter, prior: Counter | None = None, alpha0: float = 100.0) -> dict[int, dict]:
+    """Log-odds ratio of each token in ``a`` vs ``b`` with an informative Dirichlet prior.
+
+    Monroe, Colaresi & Quinn (2008), "Fightin' Words", eq. 16–22: with prior counts
+    α_w = alpha0 · p_w (p_w the token's share of ``prior``, by default a + b),
+    δ_w = log((a_w+α_w)/(n_a+α_0−a_w−α_w)) − log((b_w+α_w)/(n_b+α_0−b_w−α_w)),
+    σ²_w ≈ 1/(a_w+α_w) + 1/(b_w+α_w), z_w = δ_w/σ_w.
+    """
+    prior = prior if prior is not None else a + b
+    total = sum(prior.values())
+    n_a, n_b = sum(a.values()), sum(b.values())
+    out = {}
+    for w in set(a) | set(b):
+        alpha = alpha0 * prior.get(w, 0) / total if total else 0.0
+        if alpha <= 0:
+            continue  # a token the prior never saw carries no evidence under it
+        ya, yb = a.get(w, 0), b.get(w, 0)
+        delta = (math.log((ya + alpha) / (n_a + alpha0 - ya - alpha))
+                 - math.log((yb + alpha) / (n_b + alpha0 - yb - alpha)))
+        var = 1.0 / (ya + alpha) + 1.0 / (yb + alpha)
+        out[w] = {"log_odds": delta, "z": delta / math.sqrt(var), "count_a": ya, "count_b": yb}
+    return out
+
+
+def changes(tokenizer, texts_a: list[str], texts_b: list[str], top: int = 10, alpha0: float = 100.0) -> dict:
+    """Tokens over-represented (``more``) and under-represented (``less``) in ``texts_a`` vs ``texts_b``."""
+    lo = log_odds(token_counts(tokenizer, texts_a), token_counts(tokenizer, texts_b), alpha0=alpha0)
+    ranked = sorted(lo.items(), key=lambda kv: kv[1]["z"], reverse=True)
+    fmt = lambda items: [{"token_id": w, "token": token_text(tokenizer, w), **v} for w, v in items]  # noqa: E731
+    return {"n_a": len(texts_a), "n_b": len(texts_b), "more": fmt(ranked[:top]),
+            "less": fmt([kv for kv in ranked[::-1][:top] if kv[1]["z"] < 0])}

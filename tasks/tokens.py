@@ -1,6 +1,8 @@
-"""Step 4 as a Prefect task: token associations of the traced features."""
+"""Step 4 as a Prefect task: the three token views of every traced feature."""
 
 from __future__ import annotations
+
+import random
 
 from prefect import task
 from prefect.cache_policies import NONE
@@ -8,19 +10,45 @@ from prefect.cache_policies import NONE
 from pathflow.config import Config
 from pathflow.context import get_context
 from pathflow.model import unembed
-from pathflow.tokens import writes
+from pathflow.study import collect_responses
+from pathflow.tokens import activation_maxima, changes, writes
 
 from .common import open_run, step
 
+METHOD = {
+    "writes": "logit lens: W_U @ (W_D[i]/s ⊙ final norm weight); top promoted and suppressed tokens",
+    "reads": "largest activations over the study prompts and a sample of each feature's logged responses",
+    "changes": "log-odds ratio with an informative Dirichlet prior (Monroe et al. 2008) of token ids in "
+               "responses under a patch vs its baseline; z-scores",
+}
 
-@task(name="tokens", task_run_name="tokens", cache_policy=NONE)
+
+@task(name="tokens", task_run_name="tokens", tags=["gpu"], cache_policy=NONE)
 def token_associations(cfg: Config, store_url: str, run_id: str, features: list[dict]) -> dict:
     ctx = get_context(cfg)
     run = open_run(store_url, run_id)
+    tc = cfg.tokens
     with step(run, "tokens"):
         norm_w, W_U = unembed(ctx.model)
-        out = {f["feature"]: {"writes": writes(ctx.sae(f["layer"]), f["feature_id"], norm_w, W_U, ctx.tokenizer)}
-               for f in features}
-        run.write_json("tokens/token_associations.json", {"method": {"writes": "logit lens of W_D[i]/s through "
-                       "the final norm weight and the unembedding"}, "features": out})
+        logged = collect_responses(cfg, {f["feature"] for f in features})
+        prompts = list(ctx.prompts.values())
+        out = {}
+        for f in features:
+            name, key = f["feature"], (f["layer"], f["feature_id"])
+            by_cond = logged.get(name, {})
+            pool = [t for texts in by_cond.values() for t in texts]
+            sample = random.Random(name).sample(pool, min(tc.responses, len(pool)))
+            texts = prompts + sample
+            reads = activation_maxima(ctx.model, ctx.saes, ctx.tokenizer, texts, [key], tc.top, tc.window)[key]
+            for r in reads:
+                r["source"] = "prompt" if r["text"] < len(prompts) else "response"
+            views = {
+                "writes": writes(ctx.saes[f["layer"]], f["feature_id"], norm_w, W_U, ctx.tokenizer, tc.top),
+                "reads": reads,
+                "changes": {f"{a}_vs_{b}": changes(ctx.tokenizer, by_cond.get(a, []), by_cond.get(b, []), tc.top,
+                                                   tc.alpha0)
+                            for a, b in tc.contrasts if by_cond.get(a) and by_cond.get(b)},
+            }
+            out[name] = views
+        run.write_json("tokens/token_associations.json", {"method": METHOD, "features": out})
     return out
