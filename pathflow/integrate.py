@@ -23,6 +23,7 @@ def feature_record(selected: dict, study_values: dict, pathways: dict, tokens: d
         "selection": {k: selected[k] for k in ("rank_key", "rank_value", "rank")},
         "faithfulness": {prompt: p["faithfulness"] for prompt, p in pathways.items()},
         "pathways": validated,
+        "candidates": {prompt: p["candidates"] for prompt, p in pathways.items()},
         "tokens": tokens,
     }
 

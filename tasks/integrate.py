@@ -1,4 +1,4 @@
-"""Step 5 as a Prefect task: integrated records, summary table, report."""
+"""Step 5 as a Prefect task: integrated records, summary table, reports and viewer graphs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from pathflow.config import Config
+from pathflow.context import get_context
 from pathflow.integrate import feature_record, report_md, summary_rows, to_csv
+from pathflow.report import attribution_graph, report_html
+from pathflow.tokens import token_text
 
 from .common import open_run, step
 
@@ -16,6 +19,7 @@ from .common import open_run, step
 def integrate_features(cfg: Config, store_url: str, run_id: str, targets: list[dict], study: dict,
                        pathways: dict, tokens: dict) -> list[dict]:
     run = open_run(store_url, run_id)
+    ctx = get_context(cfg)
     with step(run, "integrate"):
         records = [feature_record(t, study[t["feature"]]["values"], pathways[t["feature"]], tokens[t["feature"]])
                    for t in targets]
@@ -24,6 +28,13 @@ def integrate_features(cfg: Config, store_url: str, run_id: str, targets: list[d
         run.write_text("integrated/summary.csv", to_csv(rows))
         md = report_md(records, run_id)
         run.write_text("integrated/report.md", md)
+        run.write_text("integrated/report.html", report_html(records, run_id))
+        for r in records:
+            for prompt in r["candidates"]:
+                toks = [token_text(ctx.tokenizer, int(i)) for i in ctx.prompt_ids[prompt][0]]
+                graph = attribution_graph(r, prompt, toks, cfg.model.name_or_path.rstrip("/").rsplit("/", 1)[-1],
+                                          run_id)
+                run.write_json(f"integrated/graphs/{r['feature']}_{prompt}.json", graph)
     create_table_artifact(key="pathflow-pathways", table=rows, description=f"pathways of run {run_id}")
     create_markdown_artifact(key="pathflow-report", markdown=md, description=f"report of run {run_id}")
     return records
