@@ -114,8 +114,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--targets", type=int, help="targets timed (default: the preset's)")
     ap.add_argument("--batch", type=int, help="targets per backward (default: the preset's)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override the preset's dtype")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
+    p = {**p, "dtype": args.dtype or p["dtype"]}
     device, dtype = torch.device(args.device), getattr(torch, p["dtype"])
     n_targets, batch = args.targets or p["targets"], args.batch or p["batch"]
     torch.manual_seed(0)
