@@ -145,6 +145,13 @@ def test_other_errors_fail_at_once(harness, demo_cfg, tmp_path, monkeypatch):
     assert m["status"] == "failed" and "a bug, not a memory problem" in m["error"]
 
 
+def pathflow(args, **env) -> subprocess.CompletedProcess:
+    """`pathflow ARGS` to completion, in a clean environment plus ``env``."""
+    return subprocess.run(
+        [sys.executable, "-m", "pathflow", *args], env=clean_env(**env), capture_output=True, text=True, timeout=120
+    )
+
+
 def run_cli(args, **env):
     return subprocess.Popen(
         [sys.executable, "-m", "pathflow", *args],
@@ -199,13 +206,7 @@ def test_resume_after_sigkill_recomputes_only_missing_batches(demo_cfg, tmp_path
     m = json.loads((run_dir / "manifest.json").read_text())
     assert m["status"] == "complete" and m["resumes"] == 1
     same_science(science(run_dir), science(ref_dir))
-    v = subprocess.run(
-        [sys.executable, "-m", "pathflow", "runs", "verify", run_dir.name, "--store", str(store)],
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    v = pathflow(["runs", "verify", run_dir.name, "--store", str(store)])
     assert v.returncode == 0, v.stdout + v.stderr
 
 
@@ -261,29 +262,11 @@ def test_store_on_s3_with_resume_and_verify(demo_cfg, tmp_path, prefect_api, s3)
     m = json.loads(fs.cat(f"pathflow/study-a/runs/{run_id}/manifest.json"))
     assert m["status"] == "complete" and m["resumes"] == 1
     assert any(k.startswith("jacobians.zarr/grad/c/") for k in m["outputs"])
-    ok = subprocess.run(
-        [sys.executable, "-m", "pathflow", "runs", "verify", run_id, "--store", url],
-        env=clean_env(**s3),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    ok = pathflow(["runs", "verify", run_id, "--store", url], **s3)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     fs.pipe(f"pathflow/study-a/runs/{run_id}/integrated/report.md", b"tampered")
-    bad = subprocess.run(
-        [sys.executable, "-m", "pathflow", "runs", "verify", run_id, "--store", url],
-        env=clean_env(**s3),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = pathflow(["runs", "verify", run_id, "--store", url], **s3)
     assert bad.returncode == 1 and "integrated/report.md" in bad.stdout
-    listed = subprocess.run(
-        [sys.executable, "-m", "pathflow", "runs", "list", "--store", url],
-        env=clean_env(**s3),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    listed = pathflow(["runs", "list", "--store", url], **s3)
     assert run_id[:10] in listed.stdout
     assert "testing" not in json.dumps(m)  # no credentials in the manifest
