@@ -195,6 +195,3 @@ def load_config(path: str | os.PathLike | None = None, store: str | None = None)
     except ValidationError as e:
         raise ConfigError(_describe(e, source)) from None
 
-
-def dump_config(cfg: Config, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

@@ -78,10 +78,6 @@ class SAE:
         """f [..., d_sae] -> reconstruction x̂ [..., d_model], in the model's units."""
         return (f @ self.W_dec.T + self.b_dec) / self.scale
 
-    def encoder_direction(self, feature: int) -> torch.Tensor:
-        """∂pre_feature/∂x = s·W_E[:, feature]  [d_model]: the seed of a target's backward."""
-        return self.scale * self.W_enc[feature]
-
     def decoder_direction(self, feature: int) -> torch.Tensor:
         """∂x̂/∂f_feature = W_D[feature] / s  [d_model]: what one unit of the feature writes."""
         return self.W_dec[:, feature] / self.scale
@@ -254,9 +250,6 @@ class SAEBank:
                 old, _ = self._cache.popitem(last=False)
                 log.debug("SAE budget: dropped layer %d", old)
         return sae
-
-    def __contains__(self, layer: int) -> bool:
-        return True  # any layer can be loaded
 
     def resident(self) -> list[int]:
         return list(self._cache)
