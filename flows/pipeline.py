@@ -14,7 +14,7 @@ from pathflow.provenance import provenance
 from storage.store import Store, git_commit, new_run_id
 from tasks.common import open_run, step
 from tasks.integrate import integrate_features
-from tasks.pathways import batch_pathways, merge_pathways, prepare_jacobians
+from tasks.pathways import batch_pathways, merge_pathways, prepare_jacobians, write_plan
 from tasks.study import audit_study, select_features
 from tasks.tokens import token_associations
 
@@ -26,8 +26,7 @@ def trace_pathways(config: Config, store_url: str, run_id: str, targets: list[di
     with step(open_run(store_url, run_id), "pathways", targets=len(targets)):
         prepare_jacobians(config, store_url, run_id, targets)
         batches = plan_batches(targets, config.gradients.batch_size)
-        run = open_run(store_url, run_id)
-        run.write_json("pathways/plan.json", {"batches": [b.name for b in batches]})  # for progress displays
+        write_plan(open_run(store_url, run_id), batches)
         progress = create_progress_artifact(0.0, key="pathflow-progress",
                                             description=f"pathway batches of run {run_id}")
         futures = batch_pathways.map(unmapped(config), unmapped(store_url), unmapped(run_id), batches)
@@ -37,6 +36,22 @@ def trace_pathways(config: Config, store_url: str, run_id: str, targets: list[di
             done[r["marker"]["batch"]] = r
             update_progress_artifact(progress, 100.0 * len(done) / len(batches))
         return merge_pathways(config, store_url, run_id, [done[b.name] for b in batches])
+
+
+def audit_and_select(config: Config, run_id: str, run) -> tuple[dict, list[dict]]:
+    """Steps 1–2: the audited study and the targets to trace (each with its row ``index``)."""
+    logger = get_run_logger()
+    audited = audit_study(config, config.store.url, run_id)
+    selected = select_features(config, config.store.url, run_id, audited)["selected"]
+    skipped = [s["feature"] for s in selected if s["layer"] == 0]
+    if skipped:
+        logger.warning("not traced (layer 0 has no upstream SAE features): %s", ", ".join(skipped))
+    targets = [{**s, "index": i} for i, s in enumerate(s for s in selected if s["layer"] > 0)]
+    if not targets:
+        raise PathflowError("no selected feature above layer 0 to trace")
+    logger.info("tracing %d features in %d layers", len(targets), len({t["layer"] for t in targets}))
+    run.update(sae=provenance(config, sorted({l for t in targets for l in range(t["layer"] + 1)}))["sae"])
+    return audited, targets
 
 
 def start_or_resume(config: Config, run_id: str, resume: bool, kind: str, **extra) -> object:
@@ -79,22 +94,12 @@ def pipeline_flow(config: Config | str, run_id: str | None = None, resume: bool 
     """
     from pathflow.config import load_config
 
-    logger = get_run_logger()
     config = load_config(config) if isinstance(config, str) else config
     run_id = run_id or _auto_run_id()
     store_url = config.store.url
     run = start_or_resume(config, run_id, resume, "pipeline")
     try:
-        audited = audit_study(config, store_url, run_id)
-        selected = select_features(config, store_url, run_id, audited)["selected"]
-        skipped = [s["feature"] for s in selected if s["layer"] == 0]
-        if skipped:
-            logger.warning("not traced (layer 0 has no upstream SAE features): %s", ", ".join(skipped))
-        targets = [{**s, "index": i} for i, s in enumerate(s for s in selected if s["layer"] > 0)]
-        if not targets:
-            raise PathflowError("no selected feature above layer 0 to trace")
-        logger.info("tracing %d features in %d layers", len(targets), len({t["layer"] for t in targets}))
-        run.update(sae=provenance(config, sorted({l for t in targets for l in range(t["layer"] + 1)}))["sae"])
+        audited, targets = audit_and_select(config, run_id, run)
         validated = trace_pathways(config, store_url, run_id, targets)
         tokens = token_associations(config, store_url, run_id, targets)
         records = integrate_features(config, store_url, run_id, targets, audited["features"], validated, tokens)

@@ -45,6 +45,23 @@ def plan_batches(targets: list[dict], batch_size: int) -> list[Batch]:
     return out
 
 
+def shard_batches(batches: list[Batch], shards: int) -> list[list[Batch]]:
+    """Deal batches to ``shards`` groups so each holds about as many targets (largest batch first
+    to the lightest shard); a shard never gets none while another has two. Order within a shard
+    follows the plan."""
+    if shards < 1:
+        raise ValueError(f"shards must be at least 1, got {shards}")
+    n = min(shards, len(batches))
+    order = {b.name: i for i, b in enumerate(batches)}
+    groups: list[list[Batch]] = [[] for _ in range(n)]
+    load = [0] * n
+    for b in sorted(batches, key=lambda b: (-len(b.targets), order[b.name])):
+        i = min(range(n), key=lambda j: (load[j], len(groups[j]), j))
+        groups[i].append(b)
+        load[i] += len(b.targets)
+    return [sorted(g, key=lambda b: order[b.name]) for g in groups]
+
+
 @dataclass
 class BatchJacobians:
     """Phase A of one batch.

@@ -22,17 +22,51 @@ from prefect.cache_policies import NONE
 from pathflow.batching import batch_size_for_attempt, chunks, is_oom
 from pathflow.config import Config
 from pathflow.context import get_context
+from pathflow.errors import PathflowError
 from pathflow.pathways import Batch, phase_a, phase_b, phase_c
+from pathflow.study import load_prompts, model_layers, sae_width
 from storage.arrays import create_jacobians, open_jacobians, write_rows
 
 from .common import open_run
 
 OOM_RETRIES = 6  # 64 -> 1 in six halvings
+FAIL_ENV = "PATHFLOW_FAIL_BATCH"  # debugging aid: comma-separated batch names that raise (failure-handling tests)
+PLAN = "pathways/plan.json"
 _MODEL_LOCK = threading.Lock()  # hooks live on the shared model: one batch at a time per process
 
 
 def done_marker(batch_name: str) -> str:
     return f"pathways/parts/{batch_name}.done.json"
+
+
+def write_plan(run, batches: list[Batch], shards: list[list[Batch]] | None = None) -> None:
+    """``pathways/plan.json``: every batch with its targets (progress displays and shard runs read it),
+    and, for a sharded run, which batches each shard owns."""
+    plan = {"batches": [b.name for b in batches],
+            "targets": {b.name: {"layer": b.layer, "targets": b.targets} for b in batches}}
+    if shards is not None:
+        plan["shards"] = [[b.name for b in g] for g in shards]
+    run.write_json(PLAN, plan)
+
+
+def shard_of_plan(run, shard: int) -> list[Batch]:
+    """The batches of shard ``shard`` (0-based) in a sharded run's plan."""
+    try:
+        plan = run.read_json(PLAN)
+        names = plan["shards"][shard]
+    except FileNotFoundError:
+        raise PathflowError(f"run {run.run_id} has no {PLAN} at {run.url}: start shards from the parent flow "
+                            "(pathflow-sharded), which writes it") from None
+    except (KeyError, IndexError):
+        raise PathflowError(f"{PLAN} of run {run.run_id} has no shard {shard}") from None
+    return [Batch(name=n, layer=plan["targets"][n]["layer"], targets=plan["targets"][n]["targets"]) for n in names]
+
+
+def read_batch(run, batch_name: str) -> dict:
+    """A finished batch's parts, read back from the run folder."""
+    return {"candidates": run.read_json(f"pathways/parts/{batch_name}.candidates.json"),
+            "validated": run.read_json(f"pathways/parts/{batch_name}.validated.json"),
+            "marker": run.read_json(done_marker(batch_name)), "resumed": True}
 
 
 def retry_on_oom(task, task_run, state) -> bool:
@@ -46,12 +80,17 @@ def retry_on_oom(task, task_run, state) -> bool:
 
 @task(name="prepare-jacobians", task_run_name="prepare-jacobians", tags=["gpu"], cache_policy=NONE)
 def prepare_jacobians(cfg: Config, store_url: str, run_id: str, targets: list[dict]) -> None:
-    """Load the model and create jacobians.zarr (one row per target) before any batch writes."""
-    ctx = get_context(cfg)
+    """Create jacobians.zarr (one row per target) before any batch writes. Its shape comes from the
+    model's and SAE's metadata files when they are at hand (a shard parent need not load the model),
+    else from the loaded model."""
     run = open_run(store_url, run_id)
-    d_sae = ctx.saes[targets[0]["layer"]].d_sae
-    create_jacobians(run.zarr_store("jacobians.zarr"), [t["feature"] for t in targets], list(ctx.prompt_ids),
-                     ctx.n_layers, d_sae)
+    n_layers, d_sae = model_layers(cfg), sae_width(cfg, targets[0]["layer"])
+    if n_layers and d_sae:
+        prompts = list(load_prompts(cfg.study.prompts))
+    else:
+        ctx = get_context(cfg)
+        n_layers, d_sae, prompts = ctx.n_layers, ctx.saes[targets[0]["layer"]].d_sae, list(ctx.prompt_ids)
+    create_jacobians(run.zarr_store("jacobians.zarr"), [t["feature"] for t in targets], prompts, n_layers, d_sae)
 
 
 @task(name="pathways", task_run_name="pathways-{batch.name}", tags=["gpu"], cache_policy=NONE,
@@ -64,9 +103,9 @@ def batch_pathways(cfg: Config, store_url: str, run_id: str, batch: Batch) -> di
     logger = get_run_logger()
     if run.exists(done_marker(batch.name)):  # finished before an interruption: read it back
         logger.info("%s: done in an earlier attempt, not recomputed", batch.name)
-        return {"candidates": run.read_json(f"pathways/parts/{batch.name}.candidates.json"),
-                "validated": run.read_json(f"pathways/parts/{batch.name}.validated.json"),
-                "marker": run.read_json(done_marker(batch.name)), "resumed": True}
+        return read_batch(run, batch.name)
+    if batch.name in os.environ.get(FAIL_ENV, "").split(","):
+        raise RuntimeError(f"{batch.name}: failing as {FAIL_ENV} asks")
     attempt = task_run.run_count or 1
     size = batch_size_for_attempt(cfg.gradients.batch_size, attempt)
     if attempt > 1:

@@ -4,18 +4,13 @@ SIGKILL, and the store on an S3-compatible server."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
-import zarr
 
 from pathflow.batching import SIMULATE_ENV
 
-from .conftest import clean_env, free_port
+from .runs import batch_markers, config, pathflow, run_cli, same_science, science, write_cfg
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +21,6 @@ def harness():
         yield
 
 
-def config(demo_cfg, store, **gradients):
-    cfg = demo_cfg.model_copy(deep=True)
-    cfg.store.url = str(store)
-    for k, v in gradients.items():
-        setattr(cfg.gradients, k, v)
-    return cfg
-
-
 def task_runs(flow_run_id):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -41,38 +28,6 @@ def task_runs(flow_run_id):
     with get_client(sync_client=True) as c:
         flt = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
         return c.read_task_runs(flow_run_filter=flt), c.read_artifacts(flow_run_filter=flt)
-
-
-def batch_markers(run_dir: Path) -> dict:
-    return {p.name: json.loads(p.read_text()) for p in sorted((run_dir / "pathways" / "parts").glob("*.done.json"))}
-
-
-def science(run_dir: Path) -> dict:
-    """The results of a run that must not depend on how it was executed."""
-    g = zarr.open_group(str(run_dir / "jacobians.zarr"), mode="r")
-    val = json.loads((run_dir / "pathways" / "validated_pathways.json").read_text())["targets"]
-    feats = json.loads((run_dir / "integrated" / "features.json").read_text())["features"]
-    return {
-        "grad": g["grad"][:],
-        "attribution": g["attribution"][:],
-        "targets": g.attrs["targets"],
-        "ranking": {f: {p: [c["feature"] for c in r["candidates"]] for p, r in pp.items()} for f, pp in val.items()},
-        "actual": {
-            f: {p: [c["actual_change"] for c in r["candidates"]] for p, r in pp.items()} for f, pp in val.items()
-        },
-        "pathways": [(r["feature"], {p: [c["feature"] for c in cs] for p, cs in r["pathways"].items()}) for r in feats],
-    }
-
-
-def same_science(a: dict, b: dict) -> None:
-    assert a["targets"] == b["targets"] and a["ranking"] == b["ranking"] and a["pathways"] == b["pathways"]
-    for k in ("grad", "attribution"):
-        assert np.array_equal(np.isnan(a[k]), np.isnan(b[k]))
-        x, y = np.nan_to_num(a[k]), np.nan_to_num(b[k])
-        assert np.linalg.norm(x - y) <= 1e-5 * np.linalg.norm(y)
-    for f in a["actual"]:
-        for p in a["actual"][f]:
-            np.testing.assert_allclose(a["actual"][f][p], b["actual"][f][p], rtol=1e-4, atol=1e-6)
 
 
 def test_batches_are_mapped_with_artifacts(harness, demo_cfg, tmp_path):
@@ -145,30 +100,6 @@ def test_other_errors_fail_at_once(harness, demo_cfg, tmp_path, monkeypatch):
     assert m["status"] == "failed" and "a bug, not a memory problem" in m["error"]
 
 
-def pathflow(args, **env) -> subprocess.CompletedProcess:
-    """`pathflow ARGS` to completion, in a clean environment plus ``env``."""
-    return subprocess.run(
-        [sys.executable, "-m", "pathflow", *args], env=clean_env(**env), capture_output=True, text=True, timeout=120
-    )
-
-
-def run_cli(args, **env):
-    return subprocess.Popen(
-        [sys.executable, "-m", "pathflow", *args],
-        env=clean_env(**env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def write_cfg(demo_cfg, tmp_path, **gradients) -> Path:
-    cfg = config(demo_cfg, "unused", **gradients)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(json.dumps(cfg.model_dump(mode="json", exclude={"store"})))
-    return path
-
-
 def test_resume_after_sigkill_recomputes_only_missing_batches(demo_cfg, tmp_path, prefect_api):
     cfg_path = write_cfg(demo_cfg, tmp_path, batch_size=1)
     store = tmp_path / "store"
@@ -208,33 +139,6 @@ def test_resume_after_sigkill_recomputes_only_missing_batches(demo_cfg, tmp_path
     same_science(science(run_dir), science(ref_dir))
     v = pathflow(["runs", "verify", run_dir.name, "--store", str(store)])
     assert v.returncode == 0, v.stdout + v.stderr
-
-
-@pytest.fixture
-def s3(tmp_path):
-    """An S3-compatible server (moto) on loopback, with a bucket; credentials are dummies."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-    }
-    import boto3
-
-    boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    ).create_bucket(Bucket="pathflow")
-    yield env
-    server.stop()
 
 
 def test_store_on_s3_with_resume_and_verify(demo_cfg, tmp_path, prefect_api, s3):
