@@ -7,6 +7,7 @@ layer at a time, so a run touches only the layers its targets need.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -53,21 +54,26 @@ class Context:
 
 
 _CACHE: dict[str, Context] = {}
+_LOCK = threading.Lock()  # tasks running in threads: load once, and never import transformers concurrently
 
 
 def get_context(cfg: Config) -> Context:
     """The process-wide context for this config's model, SAEs and prompts."""
     key = repr((cfg.model.model_dump(), cfg.sae.model_dump(), cfg.study.prompts, cfg.gradients.position,
                 cfg.gradients.sae_budget_gb))
-    if key not in _CACHE:
-        _CACHE.clear()  # one model per process: free the previous one first
-        model, tok = load_model(cfg.model.name_or_path, cfg.model.revision, cfg.model.dtype, cfg.model.device)
-        prompts = load_prompts(cfg.study.prompts)
-        device = next(model.parameters()).device
-        ids = {k: encode_prompt(tok, v, device) for k, v in prompts.items()}
-        s, g = cfg.sae, cfg.gradients
-        budget = int(g.sae_budget_gb * 2**30) if g.sae_budget_gb else None
-        bank = SAEBank(s.root, s.pattern, s.threshold, revision=s.revision, device=device,
-                       dtype=DTYPES[cfg.model.dtype], budget_bytes=budget)
-        _CACHE[key] = Context(cfg=cfg, model=model, tokenizer=tok, prompts=prompts, prompt_ids=ids, saes=bank)
+    with _LOCK:
+        return _CACHE[key] if key in _CACHE else _load(cfg, key)
+
+
+def _load(cfg: Config, key: str) -> Context:
+    _CACHE.clear()  # one model per process: free the previous one first
+    model, tok = load_model(cfg.model.name_or_path, cfg.model.revision, cfg.model.dtype, cfg.model.device)
+    prompts = load_prompts(cfg.study.prompts)
+    device = next(model.parameters()).device
+    ids = {k: encode_prompt(tok, v, device) for k, v in prompts.items()}
+    s, g = cfg.sae, cfg.gradients
+    budget = int(g.sae_budget_gb * 2**30) if g.sae_budget_gb else None
+    bank = SAEBank(s.root, s.pattern, s.threshold, revision=s.revision, device=device,
+                   dtype=DTYPES[cfg.model.dtype], budget_bytes=budget)
+    _CACHE[key] = Context(cfg=cfg, model=model, tokenizer=tok, prompts=prompts, prompt_ids=ids, saes=bank)
     return _CACHE[key]

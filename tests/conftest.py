@@ -3,6 +3,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -83,9 +84,10 @@ def _no_store_env(monkeypatch):
     monkeypatch.delenv("PATHFLOW_STORE", raising=False)
 
 
-@pytest.fixture
-def s3(tmp_path):
-    """An S3-compatible server (moto) on loopback, with a bucket; credentials are dummies."""
+@contextmanager
+def s3_server():
+    """An S3-compatible server (moto) on loopback with a bucket ``pathflow``; yields the client
+    environment (dummy credentials)."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
@@ -99,12 +101,15 @@ def s3(tmp_path):
     }
     import boto3
 
-    boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    ).create_bucket(Bucket="pathflow")
-    yield env
-    server.stop()
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="pathflow")
+    try:
+        yield env
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3():
+    with s3_server() as env:
+        yield env
