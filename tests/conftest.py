@@ -30,13 +30,13 @@ def prefect_api(tmp_path_factory):
     """A real `prefect server start` on loopback (SQLite), for runs that report to an API."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=clean_env(PREFECT_HOME=str(home)),
+        env=clean_env(PREFECT_HOME=str(home), PREFECT_UI_API_URL=url),  # the UI's API is not derived from --port
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"http://127.0.0.1:{port}/api"
     try:
         for _ in range(120):
             try:
@@ -113,3 +113,13 @@ def s3_server():
 def s3():
     with s3_server() as env:
         yield env
+
+
+def require(*paths: str) -> None:
+    """Skip a test whose system tools (Chromium, buildah, node modules…) are missing on a developer's
+    machine; under CI, where .ci/run installs them, a missing one is a failure."""
+    import shutil
+
+    missing = [p for p in paths if not (Path(p).exists() or shutil.which(p))]
+    if missing:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"missing {', '.join(missing)} (.ci/run installs it)")
