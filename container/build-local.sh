@@ -67,5 +67,5 @@ if m["status"] != "complete" or "integrated/features.json" not in m["outputs"]:
     sys.exit(f"run {m['run_id']} is {m['status']}: {m.get('error')}")
 print(f"run {m['run_id']} complete inside the image: {len(m['outputs'])} outputs")
 PY
-"${B[@]}" inspect --type image --format '{{index .OCIv1.Config.Labels "org.opencontainers.image.version"}}' "$TAG"
+printf "image %s, version label %s\n" "$TAG" "$("${B[@]}" inspect --type image --format '{{index .OCIv1.Config.Labels "org.opencontainers.image.version"}}' "$TAG")"
 echo "store: $store"

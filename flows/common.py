@@ -3,6 +3,26 @@
 from __future__ import annotations
 
 from pathflow.errors import PathflowError
+from storage.store import new_run_id
+
+
+def auto_run_id() -> str:
+    """A run id for a run started without one (a deployment run): date + the flow run's id."""
+    from prefect.runtime import flow_run
+
+    return new_run_id().rsplit("-", 1)[0] + "-" + str(flow_run.id)[:8]
+
+
+def run_name(prefix: str):
+    """A flow_run_name callable: ``<prefix>-<run_id parameter>``, else the flow run's short id."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        p = flow_run.parameters
+        return f"{prefix}-{p.get('run_id') or str(flow_run.id)[:8]}"
+
+    return name
 
 
 def result_of(state) -> dict:

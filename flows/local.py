@@ -7,7 +7,7 @@ import time
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact
 
-from flows.common import result_of
+from flows.common import auto_run_id, result_of, run_name
 from flows.pipeline import trace_pathways
 from pathflow.config import Config
 from pathflow.errors import quiet_user_errors
@@ -21,10 +21,16 @@ from tasks.tokens import token_associations
 quiet_user_errors()
 
 
-@flow(name="pathflow-local", flow_run_name="local-{run_id}", log_prints=True)
-def local_flow(config: Config, run_id: str, feature: str | None = None) -> dict:
-    """Audit → select → Jacobians → top-k → replay → tokens → integrate, for one feature."""
+@flow(name="pathflow-local", flow_run_name=run_name("local"), log_prints=True)
+def local_flow(config: Config | str, run_id: str | None = None, feature: str | None = None) -> dict:
+    """Audit → select → Jacobians → top-k → replay → tokens → integrate, for one feature (the
+    strongest causal one unless ``feature`` names it). ``config``: the config or its YAML path on
+    the worker; this is the smoke test of a deployment (``pathways-smoke``)."""
+    from pathflow.config import load_config
+
     logger = get_run_logger()
+    config = load_config(config) if isinstance(config, str) else config
+    run_id = run_id or auto_run_id()
     store_url = config.store.url
     run = Store(store_url).run(run_id)
     run.start({**provenance(config), "git_commit": git_commit(), "kind": "local", "feature": feature})

@@ -6,7 +6,7 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_link_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from flows.common import result_of
+from flows.common import auto_run_id, result_of, run_name
 from pathflow.config import Config
 from pathflow.errors import PathflowError, quiet_user_errors
 from pathflow.pathways import plan_batches
@@ -71,20 +71,7 @@ def start_or_resume(config: Config, run_id: str, resume: bool, kind: str, **extr
     return run
 
 
-def _auto_run_id() -> str:
-    """A run id for a run started without one (a deployment run): date + the flow run's id."""
-    from prefect.runtime import flow_run
-
-    return new_run_id().rsplit("-", 1)[0] + "-" + str(flow_run.id)[:8]
-
-
-def _flow_run_name() -> str:
-    from prefect.runtime import flow_run
-
-    return f"run-{flow_run.parameters.get('run_id') or str(flow_run.id)[:8]}"
-
-
-@flow(name="pathflow-run", flow_run_name=_flow_run_name, log_prints=True)
+@flow(name="pathflow-run", flow_run_name=run_name("run"), log_prints=True)
 def pipeline_flow(config: Config | str, run_id: str | None = None, resume: bool = False) -> dict:
     """Audit → select → Jacobians → top-k → replay (mapped over batches) → tokens → integrate.
 
@@ -95,7 +82,7 @@ def pipeline_flow(config: Config | str, run_id: str | None = None, resume: bool 
     from pathflow.config import load_config
 
     config = load_config(config) if isinstance(config, str) else config
-    run_id = run_id or _auto_run_id()
+    run_id = run_id or auto_run_id()
     store_url = config.store.url
     run = start_or_resume(config, run_id, resume, "pipeline")
     try:

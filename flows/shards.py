@@ -21,7 +21,8 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_link_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from flows.pipeline import _auto_run_id, audit_and_select, start_or_resume
+from flows.common import auto_run_id, run_name
+from flows.pipeline import audit_and_select, start_or_resume
 from pathflow.config import Config, load_config
 from pathflow.errors import PathflowError, quiet_user_errors
 from pathflow.pathways import plan_batches, shard_batches
@@ -130,13 +131,7 @@ def run_shards(config: Config, run_id: str, n_shards: int, deployment: str, retr
     return outcome
 
 
-def _sharded_run_name() -> str:
-    from prefect.runtime import flow_run
-
-    return f"sharded-{flow_run.parameters.get('run_id') or str(flow_run.id)[:8]}"
-
-
-@flow(name="pathflow-sharded", flow_run_name=_sharded_run_name, log_prints=True)
+@flow(name="pathflow-sharded", flow_run_name=run_name("sharded"), log_prints=True)
 def sharded_flow(config: Config | str, shards: int = 2, shard_deployment: str = "pathflow-shard/pathways-shard-process",
                  run_id: str | None = None, resume: bool = False, shard_retries: int = 1,
                  shard_job_variables: dict | None = None, poll_seconds: float = 5.0) -> dict:
@@ -151,7 +146,7 @@ def sharded_flow(config: Config | str, shards: int = 2, shard_deployment: str = 
     if shards < 1:
         raise PathflowError(f"shards must be at least 1, got {shards}")
     config = load_config(config) if isinstance(config, str) else config
-    run_id = run_id or _auto_run_id()
+    run_id = run_id or auto_run_id()
     store_url = config.store.url
     run = start_or_resume(config, run_id, resume, "sharded", shards=shards, shard_deployment=shard_deployment)
     if run.store.is_local:

@@ -55,3 +55,58 @@ def test_deployment_runs_on_a_process_worker(prefect_api, demo_dir, tmp_path):
     tasks = httpx.post(f"{prefect_api}/task_runs/filter",
                        json={"flow_runs": {"id": {"any_": [flow_run_id]}}}).json()
     assert any(t["name"].startswith("pathways-L") and "gpu" in t["tags"] for t in tasks)
+
+
+def test_gpu_deployments_and_pool_template(prefect_api):
+    """The GPU side without a Docker engine: prefect.yaml's image, code and pool agree with the
+    Dockerfile, the server accepts the docker pool's base job template, and a flow run's container
+    settings rendered from it pass every GPU through in the form docker-py takes."""
+    import asyncio
+    import json
+    import tomllib
+
+    import docker
+    import yaml
+    from prefect_docker.worker import DockerWorkerJobConfiguration
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    deps = {d["name"]: d for d in spec["deployments"]}
+    (build,) = deps["pathways-gpu"]["build"]
+    step = build["prefect_docker.deployments.steps.build_docker_image"]
+    assert step["tag"] == version and step["buildargs"]["VERSION"] == version and step["dockerfile"] == "Dockerfile"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    baked = re.search(r"PATHFLOW_PROJECT_DIR=(\S+)", dockerfile).group(1)
+    for name in ("pathways-gpu", "pathways-smoke", "pathways-sharded-gpu", "pathways-shard-gpu"):
+        d = deps[name]
+        (pull,) = d["pull"]  # the code baked into the image
+        assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == baked, name
+        assert d["build"] == deps["pathways-gpu"]["build"] and len(d["push"]) == 1
+        assert d["work_pool"]["name"] == "pathflow-gpu"
+        assert d["work_pool"]["job_variables"]["image"] == "{{ build-image.image }}"
+        path, fn = d["entrypoint"].split(":")
+        assert f"def {fn}(" in (ROOT / path).read_text()
+    assert deps["pathways-sharded-gpu"]["parameters"]["shard_deployment"] == "pathflow-shard/pathways-shard-gpu"
+    assert spec["build"] is None and spec["push"] is None and "PATHFLOW_PROJECT_DIR" in json.dumps(spec["pull"])
+    for name in ("pathways-process", "pathways-sharded-process", "pathways-shard-process"):
+        assert not {"build", "push", "pull"} & set(deps[name]), name  # the process defaults
+
+    env = clean_env(PREFECT_API_URL=prefect_api)
+    prefect(["work-pool", "create", "pathflow-gpu", "--type", "docker", "--base-job-template",
+             str(ROOT / "deploy" / "gpu-pool.json"), "--overwrite"], env)
+    pool = httpx.get(f"{prefect_api}/work_pools/pathflow-gpu").json()
+    assert pool["type"] == "docker"
+    template = pool["base_job_template"]
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_api}):  # else rendering starts a temporary server
+        cfg = asyncio.run(DockerWorkerJobConfiguration.from_template_and_values(
+            template, {"image": f"registry.example/pathflow:{version}"}))
+    assert cfg.image == f"registry.example/pathflow:{version}"
+    assert "/data/store" in " ".join(cfg.volumes) and cfg.env["HF_HUB_OFFLINE"] == "0"
+    kwargs = cfg.container_create_kwargs
+    host = docker.types.HostConfig(version="1.45", device_requests=kwargs["device_requests"],
+                                   shm_size=kwargs["shm_size"])
+    (gpus,) = host["DeviceRequests"]
+    assert gpus["Count"] == -1 and gpus["Capabilities"] == [["gpu"]] and gpus["Driver"] == "nvidia"
+    assert host["ShmSize"] == 16 * 2**30
