@@ -8,9 +8,9 @@ import sys
 import pytest
 from pydantic import BaseModel
 
-from .conftest import clean_env
+from .conftest import clean_env, require
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM = shutil.which("chromium") or "chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -77,8 +77,8 @@ def test_graph_export_matches_the_viewer_format(run_dir):
             assert [link.weight for link in links] == [c["attribution"] for c in cands]
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(run_dir, tmp_path):
+    require("chromium")
     page = f"file://{run_dir / 'integrated' / 'report.html'}"
     feats = [r["feature"] for r in json.loads((run_dir / "integrated/features.json").read_text())["features"]]
     base = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
