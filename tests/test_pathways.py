@@ -9,7 +9,7 @@ import torch
 from pathflow.batching import SIMULATE_ENV, batch_size_for_attempt, run_with_backoff
 from pathflow.config import ReplayConfig
 from pathflow.jacobian import jacobians
-from pathflow.pathways import phase_a, phase_b, phase_c, plan_batches
+from pathflow.pathways import phase_a, phase_b, phase_c, plan_batches, shard_batches
 from pathflow.sae import SAEBank
 from storage.arrays import create_jacobians, open_jacobians, write_rows
 
@@ -29,6 +29,22 @@ def test_plan_groups_by_layer():
     plan = plan_batches(ts, 2)
     assert [(b.name, [t["feature"] for t in b.targets]) for b in plan] == [
         ("L1-batch0", ["L1-2", "L1-9"]), ("L3-batch0", ["L3-1", "L3-4"]), ("L3-batch1", ["L3-5"])]
+
+
+def test_shards_balance_targets_and_cover_every_batch_once():
+    # batches of 4, 4, 3, 2, 1 targets (L1..L5), largest first to the lightest shard:
+    # L1 -> 0, L2 -> 1, L3 -> 0 (tie: the first), L4 -> 1 (4 < 7), L5 -> 1 (6 < 7): 7 targets each
+    ts = targets([(1, i) for i in range(4)] + [(2, i) for i in range(4)] + [(3, i) for i in range(3)]
+                 + [(4, i) for i in range(2)] + [(5, 0)])
+    plan = plan_batches(ts, 4)
+    groups = shard_batches(plan, 2)
+    assert [[b.name for b in g] for g in groups] == [["L1-batch0", "L3-batch0"],
+                                                     ["L2-batch0", "L4-batch0", "L5-batch0"]]
+    assert [sum(len(b.targets) for b in g) for g in groups] == [7, 7]
+    assert len(shard_batches(plan, 9)) == len(plan)  # never an empty shard
+    assert [b.name for (b,) in shard_batches(plan, 9)] == [b.name for b in plan]
+    with pytest.raises(ValueError, match="at least 1"):
+        shard_batches(plan, 0)
 
 
 def test_batched_phase_a_equals_unbatched(ctx):
