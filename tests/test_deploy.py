@@ -99,13 +99,18 @@ def test_gpu_deployments_and_pool_template(prefect_api):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: prefect_api}):  # else rendering starts a temporary server
-        cfg = asyncio.run(DockerWorkerJobConfiguration.from_template_and_values(
+        pool_only = asyncio.run(DockerWorkerJobConfiguration.from_template_and_values(
             template, {"image": f"registry.example/pathflow:{version}"}))
-    assert cfg.image == f"registry.example/pathflow:{version}"
-    assert "/data/store" in " ".join(cfg.volumes) and cfg.env["HF_HUB_OFFLINE"] == "0"
-    kwargs = cfg.container_create_kwargs
-    host = docker.types.HostConfig(version="1.45", device_requests=kwargs["device_requests"],
-                                   shm_size=kwargs["shm_size"])
-    (gpus,) = host["DeviceRequests"]
-    assert gpus["Count"] == -1 and gpus["Capabilities"] == [["gpu"]] and gpus["Driver"] == "nvidia"
-    assert host["ShmSize"] == 16 * 2**30
+        job_vars = {**deps["pathways-gpu"]["work_pool"]["job_variables"],
+                    "image": f"registry.example/pathflow:{version}"}
+        deployed = asyncio.run(DockerWorkerJobConfiguration.from_template_and_values(template, job_vars))
+    assert "/data/store" in " ".join(pool_only.volumes) and pool_only.env["HF_HUB_OFFLINE"] == "0"
+    for cfg in (pool_only, deployed):  # the pool's defaults, and the deployment's own job variables
+        assert cfg.image == f"registry.example/pathflow:{version}"
+        kwargs = cfg.container_create_kwargs
+        host = docker.types.HostConfig(version="1.45", device_requests=kwargs["device_requests"],
+                                       shm_size=kwargs["shm_size"])
+        (gpus,) = host["DeviceRequests"]
+        assert gpus["Count"] == -1 and gpus["Capabilities"] == [["gpu"]] and gpus["Driver"] == "nvidia"
+        assert host["ShmSize"] == 16 * 2**30
+    assert deployed.env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
