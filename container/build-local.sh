@@ -50,6 +50,7 @@ t0=$SECONDS
   --build-arg BASE_IMAGE="$BASE" --build-arg EXTRA_REQUIREMENTS="$TORCH_SPEC" --build-arg VERSION="$VERSION" \
   -t "$TAG" .
 echo "built in $((SECONDS - t0)) s"
+"${B[@]}" rmi --prune >/dev/null 2>&1 || true  # the image this tag had before
 
 say "pathflow local inside $TAG"
 store=$(mktemp -d)

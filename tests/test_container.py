@@ -27,7 +27,7 @@ def test_dockerfile_lints_clean():
             assert lines[i - 1].startswith("#") and len(lines[i - 1]) > 30, line
 
 
-def test_image_builds_and_runs_pathflow_local():
+def test_image_builds_and_runs_pathflow_local(prefect_api):
     require("buildah", "debootstrap")
     if os.geteuid() != 0:
         import pytest
@@ -66,4 +66,34 @@ def test_image_builds_and_runs_pathflow_local():
         assert (mnt / "opt/pathflow/app/flows/pipeline.py").is_file()  # the code deployments run
     finally:
         subprocess.run([*BUILDAH, "umount", ctr], capture_output=True)
+        subprocess.run([*BUILDAH, "rm", ctr], capture_output=True)
+    default_command_starts_a_gpu_pool_worker(config["Cmd"], prefect_api)
+
+
+def default_command_starts_a_gpu_pool_worker(cmd: list[str], api: str) -> None:
+    """The image's own command, run as it is, registers a worker with the docker GPU pool."""
+    import signal
+    import time
+
+    import httpx
+
+    from .conftest import clean_env
+
+    subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", "pathflow-gpu", "--type", "docker",
+                    "--base-job-template", str(ROOT / "deploy" / "gpu-pool.json"), "--overwrite"],
+                   env=clean_env(PREFECT_API_URL=api), check=True, capture_output=True, timeout=120)
+    ctr = subprocess.run([*BUILDAH, "from", TAG], capture_output=True, text=True, check=True).stdout.strip()
+    proc = subprocess.Popen([*BUILDAH, "run", "--isolation", "chroot", "--env", f"PREFECT_API_URL={api}", ctr,
+                             "--", *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline, workers = time.time() + 180, []
+        while time.time() < deadline and not workers and proc.poll() is None:
+            time.sleep(2)
+            workers = httpx.post(f"{api}/work_pools/pathflow-gpu/workers/filter", json={}).json()
+        assert workers, proc.stdout.read() if proc.poll() is not None else "no worker registered in 180 s"
+        assert workers[0]["name"].startswith("DockerWorker")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
         subprocess.run([*BUILDAH, "rm", ctr], capture_output=True)
