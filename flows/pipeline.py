@@ -54,6 +54,24 @@ def audit_and_select(config: Config, run_id: str, run) -> tuple[dict, list[dict]
     return audited, targets
 
 
+def run_steps(config: Config, run, trace) -> dict:
+    """Steps 1–5 of a started run around ``trace(targets) -> validated`` (step 3), then the run marked
+    complete; any error marks it failed (what it wrote stays, for a resume) and is raised again."""
+    try:
+        audited, targets = audit_and_select(config, run.run_id, run)
+        validated = trace(targets)
+        tokens = token_associations(config, config.store.url, run.run_id, targets)
+        records = integrate_features(config, config.store.url, run.run_id, targets, audited["features"], validated,
+                                     tokens)
+        manifest = run.complete()
+    except BaseException as e:
+        run.fail(f"{type(e).__name__}: {e}")
+        raise
+    create_link_artifact(key="pathflow-run-folder", link=run.url, description=f"run folder of {run.run_id}")
+    return {"run_id": run.run_id, "run_url": run.url, "status": manifest["status"], "n_targets": len(targets),
+            "records": records}
+
+
 def start_or_resume(config: Config, run_id: str, resume: bool, kind: str, **extra) -> object:
     run = Store(config.store.url).run(run_id)
     if not resume:
@@ -85,18 +103,7 @@ def pipeline_flow(config: Config | str, run_id: str | None = None, resume: bool 
     run_id = run_id or auto_run_id()
     store_url = config.store.url
     run = start_or_resume(config, run_id, resume, "pipeline")
-    try:
-        audited, targets = audit_and_select(config, run_id, run)
-        validated = trace_pathways(config, store_url, run_id, targets)
-        tokens = token_associations(config, store_url, run_id, targets)
-        records = integrate_features(config, store_url, run_id, targets, audited["features"], validated, tokens)
-        manifest = run.complete()
-    except BaseException as e:
-        run.fail(f"{type(e).__name__}: {e}")
-        raise
-    create_link_artifact(key="pathflow-run-folder", link=run.url, description=f"run folder of {run_id}")
-    return {"run_id": run_id, "run_url": run.url, "status": manifest["status"], "n_targets": len(targets),
-            "records": records}
+    return run_steps(config, run, lambda targets: trace_pathways(config, store_url, run_id, targets))
 
 
 def run_pipeline(config: Config, run_id: str | None = None, resume: bool = False) -> dict:

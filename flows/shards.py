@@ -18,27 +18,24 @@ from __future__ import annotations
 import time
 
 from prefect import flow, get_run_logger, unmapped
-from prefect.artifacts import create_link_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
 from flows.common import auto_run_id, run_name
-from flows.pipeline import audit_and_select, start_or_resume
+from flows.pipeline import run_steps, start_or_resume
 from pathflow.config import Config, load_config
 from pathflow.errors import PathflowError, quiet_user_errors
 from pathflow.pathways import plan_batches, shard_batches
-from storage.store import Run
 from tasks.common import open_run, step
-from tasks.integrate import integrate_features
 from tasks.pathways import (
     batch_pathways,
-    done_marker,
+    done_batches,
     merge_pathways,
     prepare_jacobians,
     read_batch,
     shard_of_plan,
     write_plan,
 )
-from tasks.tokens import token_associations
 
 quiet_user_errors()
 
@@ -71,10 +68,6 @@ def shard_flow(config: Config | str, run_id: str, shard: int) -> dict:
         update_progress_artifact(progress, 100.0 * len(done) / len(batches))
     return {"shard": shard, "batches": [b.name for b in batches],
             "computed": sorted(r["marker"]["batch"] for r in done if not r["resumed"])}
-
-
-def _done_count(run: Run, names: list[str]) -> int:
-    return sum(run.exists(done_marker(n)) for n in names)
 
 
 def run_shards(config: Config, run_id: str, n_shards: int, deployment: str, retries: int,
@@ -121,7 +114,7 @@ def run_shards(config: Config, run_id: str, n_shards: int, deployment: str, retr
                     logger.error("shard %d: flow run %s ended %s: %s", shard, fr.name, fr.state.name,
                                  fr.state.message)
                     outcome[shard] = info
-            update_progress_artifact(progress, 100.0 * _done_count(run, batch_names) / len(batch_names))
+            update_progress_artifact(progress, 100.0 * len(done_batches(run) & set(batch_names)) / len(batch_names))
     failed = {s: o for s, o in outcome.items() if o["state"] != "Completed"}
     if failed:
         which = "; ".join(f"shard {s} (flow run {o['flow_run']}, {o['state']} after {o['attempts']} attempts: "
@@ -152,8 +145,7 @@ def sharded_flow(config: Config | str, shards: int = 2, shard_deployment: str = 
     if run.store.is_local:
         logger.warning("store %s is a local folder: shards on other machines cannot reach it "
                        "(use an s3:// or gs:// store for several machines)", store_url)
-    try:
-        audited, targets = audit_and_select(config, run_id, run)
+    def trace(targets: list[dict]) -> dict:
         with step(run, "pathways", targets=len(targets), shards=shards):
             prepare_jacobians(config, store_url, run_id, targets)
             batches = plan_batches(targets, config.gradients.batch_size)
@@ -164,13 +156,7 @@ def sharded_flow(config: Config | str, shards: int = 2, shard_deployment: str = 
             outcome = run_shards(config, run_id, len(groups), shard_deployment, shard_retries, shard_job_variables,
                                  poll_seconds, [b.name for b in batches])
             run.update(shard_runs={str(s): o for s, o in sorted(outcome.items())})
-            validated = merge_pathways(config, store_url, run_id, [read_batch(run, b.name) for b in batches])
-        tokens = token_associations(config, store_url, run_id, targets)
-        records = integrate_features(config, store_url, run_id, targets, audited["features"], validated, tokens)
-        manifest = run.complete()
-    except BaseException as e:
-        run.fail(f"{type(e).__name__}: {e}")
-        raise
-    create_link_artifact(key="pathflow-run-folder", link=run.url, description=f"run folder of {run_id}")
-    return {"run_id": run_id, "run_url": run.url, "status": manifest["status"], "n_targets": len(targets),
-            "shards": len(groups), "records": records}
+            return merge_pathways(config, store_url, run_id, [read_batch(run, b.name) for b in batches])
+
+    result = run_steps(config, run, trace)
+    return {**result, "shards": len(run.manifest()["shard_runs"])}  # fewer than asked when batches are few

@@ -317,16 +317,17 @@ class _batch_progress:
         return self
 
     def _poll(self) -> None:
-        task = None
+        from tasks.pathways import done_batches
+
+        task, plan = None, None
         while not self.stop.wait(0.5):
-            try:
-                plan = self.run.read_json("pathways/plan.json")["batches"]
-            except Exception:
-                continue
-            if task is None:
+            if plan is None:  # written once per run, before the first batch starts
+                try:
+                    plan = set(self.run.read_json("pathways/plan.json")["batches"])
+                except Exception:
+                    continue
                 task = self.bar.add_task("batches", total=len(plan))
-            done = sum(self.run.exists(f"pathways/parts/{b}.done.json") for b in plan)
-            self.bar.update(task, completed=done)
+            self.bar.update(task, completed=len(done_batches(self.run) & plan))
 
     def __exit__(self, *exc) -> None:
         self.stop.set()

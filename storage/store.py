@@ -94,6 +94,16 @@ class Run:
     def exists(self, rel: str = MANIFEST) -> bool:
         return self.fs.exists(self._abs(rel))
 
+    def listdir(self, rel: str) -> list[str]:
+        """The names in folder ``rel`` as of now (one listing; an object store's cached listing is
+        refreshed first); [] when it does not exist."""
+        path = self._abs(rel)
+        self.fs.invalidate_cache(path)
+        try:
+            return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
+
     def write_bytes(self, rel: str, data: bytes) -> str:
         """Atomically write ``rel``; returns its sha256."""
         dst = self._abs(rel)

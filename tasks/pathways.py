@@ -39,6 +39,12 @@ def done_marker(batch_name: str) -> str:
     return f"pathways/parts/{batch_name}.done.json"
 
 
+def done_batches(run) -> set[str]:
+    """The batches whose completion marker exists, from one listing of the parts folder."""
+    suffix = ".done.json"
+    return {n[: -len(suffix)] for n in run.listdir("pathways/parts") if n.endswith(suffix)}
+
+
 def write_plan(run, batches: list[Batch], shards: list[list[Batch]] | None = None) -> None:
     """``pathways/plan.json``: every batch with its targets (progress displays and shard runs read it),
     and, for a sharded run, which batches each shard owns."""

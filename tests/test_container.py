@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +32,6 @@ def test_dockerfile_lints_clean():
 def test_image_builds_and_runs_pathflow_local(prefect_api):
     require("buildah", "debootstrap")
     if os.geteuid() != 0:
-        import pytest
-
         pytest.skip("buildah with vfs storage and chroot isolation runs as root here")
     r = subprocess.run(["container/build-local.sh", TAG], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     log = r.stdout + r.stderr

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from .conftest import clean_env, s3_server
 from .runs import batch_markers, run_cli, same_science, science, write_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,13 +47,11 @@ def children(api: str, parent_id: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def pools(prefect_api, tmp_path_factory):
     """The two deployments from prefect.yaml; one worker for parents, two (one run each) for shards."""
-    from .conftest import clean_env, s3_server
-
     with s3_server() as s3:
-        yield from _pools(prefect_api, tmp_path_factory, s3, clean_env)
+        yield from _pools(prefect_api, tmp_path_factory, s3)
 
 
-def _pools(prefect_api, tmp_path_factory, s3, clean_env):
+def _pools(prefect_api, tmp_path_factory, s3):
     logs = tmp_path_factory.mktemp("workers")
     env = clean_env(PREFECT_API_URL=prefect_api, PATHFLOW_PROJECT_DIR=str(ROOT), PATHFLOW_STORE=STORE,
                     PREFECT_WORKER_QUERY_SECONDS="2", **s3)
