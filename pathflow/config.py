@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import string
 from pathlib import Path
 from typing import Literal, Union
 
@@ -16,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import PathflowError
+from .locations import check_store_url
 
 REAL_CONDITIONS = [
     "safe_baseline",
@@ -27,12 +30,19 @@ REAL_CONDITIONS = [
 ]
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 class ConfigError(PathflowError, ValueError):
     """A configuration that cannot be used; the message says what to fix."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN/inf are never a valid setting: every float key of every section is finite
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 class StudyConfig(_Strict):
@@ -43,6 +53,7 @@ class StudyConfig(_Strict):
     prompts: str | None = Field(None, description="prompts.json with the study's 'safe' and 'risky' prompts")
     revalidation: list[str] = Field(default_factory=list, description="revalidation JSONL files, folders or globs")
     min_trials: int = Field(30, ge=0, description="warn for a feature/condition with fewer logged trials")
+    max_prompt_tokens: int = Field(4096, ge=2, description="a prompt longer than this (in tokens) is an error")
 
     @field_validator("checkpoints", "response_logs", "revalidation", mode="before")
     @classmethod
@@ -54,7 +65,14 @@ class ModelConfig(_Strict):
     name_or_path: str = "meta-llama/Llama-3.1-8B"
     revision: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "auto"
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE_RE.fullmatch(v):
+            raise ValueError(f"{v!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
+        return v
 
 
 class SAEConfig(_Strict):
@@ -62,6 +80,18 @@ class SAEConfig(_Strict):
     pattern: str = "Llama3_1-8B-Base-L{layer}R-8x"
     threshold: Union[Literal["jumprelu", "zero"], float] = "zero"
     revision: str | None = None
+
+    @field_validator("root", "pattern")
+    @classmethod
+    def _layer_field_only(cls, v: str) -> str:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+        except ValueError as e:
+            raise ValueError(f"{v!r} is not a valid pattern ({e}); write the layer as {{layer}}") from None
+        bad = [f for f in fields if f != "layer"]
+        if bad:
+            raise ValueError(f"{v!r} has placeholder {{{bad[0]}}}; the only placeholder is {{layer}}")
+        return v
 
 
 class SelectionConfig(_Strict):
@@ -108,7 +138,12 @@ class TokensConfig(_Strict):
 
 
 class StoreConfig(_Strict):
-    url: str = "./pathflow-store"
+    url: str = Field("./pathflow-store", description="a folder or an s3:// / gs:// URL (no credentials in it)")
+
+    @field_validator("url")
+    @classmethod
+    def _persistent(cls, v: str) -> str:
+        return check_store_url(v, package=False)  # the package is checked where the store is opened
 
 
 class Config(_Strict):
@@ -123,19 +158,25 @@ class Config(_Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)
 
     def hash(self) -> str:
-        """sha256 of the canonical JSON of the resolved config."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """sha256 of the canonical JSON of what determines the results: the resolved config without
+        ``store`` (where results are kept changes nothing in them)."""
+        blob = json.dumps(self.model_dump(mode="json", exclude={"store"}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
 
 def _describe(err: ValidationError, source: str) -> str:
+    from .locations import redact
+
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{key}'")
         else:
-            lines.append(f"  {key}: {e['msg']}")
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "finite_number":
+                msg = f"{e.get('input')!r} is not a finite number"
+            lines.append(f"  {key}: {redact(msg)}")
     return "\n".join(lines)
 
 
@@ -176,11 +217,17 @@ def load_config(path: str | os.PathLike | None = None, store: str | None = None)
         p = Path(path)
         source = str(p)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            raise ConfigError(f"config file not found: {p}" if not p.exists() else f"config {p} is not a file")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config {p} is {p.stat().st_size} bytes: a config is at most {MAX_CONFIG_BYTES}")
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config {p} is not valid YAML: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"config {p} is nested too deeply") from None
+        except OSError as e:
+            raise ConfigError(f"config {p} cannot be read: {e.strerror or e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config {p} must be a mapping of sections, got {type(data).__name__}")
         data = _resolve_paths(data, p.resolve().parent)

@@ -49,7 +49,8 @@ class Context:
         """Each prompt's keys/values before the target position, computed once per process."""
         for name, ids in self.prompt_ids.items():
             if name not in self._prefixes:
-                self._prefixes[name] = prefix_cache(self.model, ids, self.cfg.gradients.position)
+                self._prefixes[name] = prefix_cache(self.model, ids, self.cfg.gradients.position,
+                                                    prompt=f"the '{name}' prompt")
         return self._prefixes
 
 

@@ -21,6 +21,7 @@ def feature_record(selected: dict, study_values: dict, pathways: dict, tokens: d
         "direction": selected["direction"],
         "study": study_values,
         "selection": {k: selected[k] for k in ("rank_key", "rank_value", "rank")},
+        "positions": {prompt: p.get("position") for prompt, p in pathways.items()},
         "faithfulness": {prompt: p["faithfulness"] for prompt, p in pathways.items()},
         "pathways": validated,
         "candidates": {prompt: p["candidates"] for prompt, p in pathways.items()},
@@ -67,7 +68,8 @@ def report_md(records: list[dict], run_id: str) -> str:
                   f"Selected by |{r['selection']['rank_key']}| = {_fmt(r['selection']['rank_value'])} "
                   f"(rank {r['selection']['rank']} in layer {r['layer']}).", ""]
         for prompt, faith in r["faithfulness"].items():
-            lines += [f"### prompt `{prompt}`: sign agreement {_fmt(faith['sign_agreement'])}, "
+            at = r.get("positions", {}).get(prompt)
+            lines += [f"### prompt `{prompt}` at token {at}: sign agreement {_fmt(faith['sign_agreement'])}, "
                       f"Pearson {_fmt(faith['pearson'])}, Spearman {_fmt(faith['spearman'])}", "",
                       "| upstream | attribution | predicted Δpre | actual Δpre |", "|---|---|---|---|"]
             for c in r["pathways"][prompt][:10]:

@@ -34,9 +34,39 @@ class _StopForward(Exception):
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` → cuda when available, else cpu; a device this machine lacks is a PathflowError."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        if index >= n:
+            raise PathflowError(f"model.device is {device!r} but this machine has "
+                                f"{f'{n} CUDA devices' if n else 'no CUDA device'}: use auto or cpu")
+    if device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise PathflowError("model.device is 'mps' but MPS is not available here: use auto or cpu")
     return torch.device(device)
+
+
+def _hub_kwargs(name_or_path: str, revision: str | None) -> dict:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    return dict(revision=revision, local_files_only=offline or os.path.isdir(name_or_path), trust_remote_code=False)
+
+
+def _load_error(name_or_path: str, e: Exception) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    hint = " (HF_HUB_OFFLINE is set: the model must be in the local cache)" if offline else ""
+    return ModelLoadError(f"cannot load model {name_or_path!r}{hint}: {e}")
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None):
+    """The model's tokenizer alone (cheap: checks before any model work)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, **_hub_kwargs(name_or_path, revision))
+    except (OSError, ValueError) as e:
+        raise _load_error(name_or_path, e) from None
 
 
 def load_model(name_or_path: str, revision: str | None = None, dtype: str = "float32", device: str = "auto"):
@@ -44,17 +74,16 @@ def load_model(name_or_path: str, revision: str | None = None, dtype: str = "flo
 
     Returns (model, tokenizer); the model is in eval mode with frozen parameters.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    kw = dict(revision=revision, local_files_only=offline or os.path.isdir(name_or_path), trust_remote_code=False)
+    target = resolve_device(device)
+    tok = load_tokenizer(name_or_path, revision)
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], **kw)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype],
+                                                     **_hub_kwargs(name_or_path, revision))
     except (OSError, ValueError) as e:
-        hint = " (HF_HUB_OFFLINE is set: the model must be in the local cache)" if offline else ""
-        raise ModelLoadError(f"cannot load model {name_or_path!r}{hint}: {e}") from None
-    model.to(resolve_device(device)).eval().requires_grad_(False)
+        raise _load_error(name_or_path, e) from None
+    model.to(target).eval().requires_grad_(False)
     return model, tok
 
 
@@ -192,15 +221,27 @@ class PrefixCache:
     position: int  # p
 
 
+def resolve_position(position: int, seq: int, prompt: str = "the prompt") -> int:
+    """The index of ``position`` in a sequence of ``seq`` tokens (negative counts from the end).
+
+    Out of range is an error, never wrapped; position 0 (BOS) has nothing upstream of it.
+    """
+    if not -seq <= position < seq:
+        raise PathflowError(f"gradients.position {position} is outside {prompt} ({seq} tokens: positions 0..{seq - 1} "
+                            f"or -{seq}..-1)")
+    p = position % seq
+    if p == 0:
+        raise PathflowError(f"gradients.position {position} is token 0 of {prompt} (its BOS): the target position "
+                            "needs at least one token before it")
+    return p
+
+
 @torch.no_grad()
-def prefix_cache(model, input_ids: torch.Tensor, position: int = -1) -> PrefixCache:
+def prefix_cache(model, input_ids: torch.Tensor, position: int = -1, prompt: str = "the prompt") -> PrefixCache:
     """Run positions [0, p) of ``input_ids`` [1, seq] once and keep their keys/values."""
     from transformers import DynamicCache
 
-    seq = input_ids.shape[1]
-    p = position % seq
-    if p == 0:
-        raise ValueError("the target position must have at least one token before it")
+    p = resolve_position(position, input_ids.shape[1], prompt)
     cache = DynamicCache(config=model.config)
     model.model(input_ids=input_ids[:, :p], use_cache=True, **{_cache_kwarg(model): cache})
     kv = [(layer.keys, layer.values) for layer in cache.layers]

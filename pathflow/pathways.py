@@ -156,6 +156,6 @@ def phase_c(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, candida
                     base, recs = b, recs + r
             for r in recs:
                 r["validated"] = bool(r["sign_agrees"] and abs(r["actual_change"]) >= rc.min_abs_change)
-            out[t["feature"]][prompt] = {"baseline_pre": base, "candidates": recs,
-                                         "faithfulness": faithfulness(recs, rc.min_sign_agreement)}
+            out[t["feature"]][prompt] = {"position": prefixes[prompt].position, "baseline_pre": base,
+                                         "candidates": recs, "faithfulness": faithfulness(recs, rc.min_sign_agreement)}
     return out

@@ -8,10 +8,13 @@ record) and reading goes on with the next record or file. Response logs are stre
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import glob
 import json
 import math
+import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +26,51 @@ FEATURE_RE = re.compile(r"^L(\d+)-(\d+)$")
 TS_RE = re.compile(r"(\d{8}_\d{6})")
 NOT_CAUSAL = {"no_causal_effect", "no_effect"}
 Progress = Callable[[Path, int], None]  # (file done, its size in bytes)
+# Bounds on what one study file or record may hold: past them it is an error finding, never a
+# crash or an unbounded allocation. Real checkpoints are a few MB, records a few levels deep.
+MAX_JSON_BYTES = int(os.environ.get("PATHFLOW_MAX_JSON_MB", "512")) << 20  # a file read whole (checkpoints)
+MAX_LINE_BYTES = 16 << 20  # one JSONL line
+MAX_DEPTH = 32  # nesting of one record
+
+
+def nesting_depth(x: Any, limit: int = MAX_DEPTH) -> int:
+    """Nesting depth of a parsed JSON value, counting no further than ``limit + 1`` (iterative)."""
+    deepest, stack = 0, [(x, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            if d > limit:
+                return d
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def non_finite(x: Any, path: str = "") -> str | None:
+    """The path of the first NaN/±inf number in a parsed JSON value (``1e999`` parses to inf), else None."""
+    stack = [(x, path)]
+    while stack:
+        v, p = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return p or "(value)"
+        if isinstance(v, dict):
+            stack.extend((c, f"{p}.{k}" if p else str(k)) for k, c in v.items())
+        elif isinstance(v, list):
+            stack.extend((c, f"{p}[{i}]") for i, c in enumerate(v))
+    return None
+
+
+def check_record(r: Any, file, idx, f: Findings) -> bool:
+    """A record is bounded in depth and holds only finite numbers; else an error naming it."""
+    depth = nesting_depth(r)
+    if depth > MAX_DEPTH:
+        f.error("too_deep", f"record is nested more than {MAX_DEPTH} levels", file, idx)
+        return False
+    bad = non_finite(r)
+    if bad is not None:
+        f.error("not_finite", f"'{bad}' is not a finite number", file, idx)
+        return False
+    return True
 
 
 class Finding(BaseModel):
@@ -112,7 +160,14 @@ def expand(specs: list[str], f: Findings | None = None, suffixes=(".json", ".jso
         p = Path(spec)
         found: set[Path]
         if p.is_dir():
-            found = {q for q in p.iterdir() if q.suffix in suffixes}
+            try:
+                found = {q for q in p.iterdir() if q.suffix in suffixes}
+            except OSError as e:
+                if f is not None:
+                    f.error("unreadable", f"cannot list the folder: {e.strerror or e}", spec)
+                found = set()
+                out |= found
+                continue
         elif any(ch in spec for ch in "*?["):
             found = {Path(q) for q in glob.glob(spec, recursive=True)}
         else:
@@ -123,8 +178,18 @@ def expand(specs: list[str], f: Findings | None = None, suffixes=(".json", ".jso
     return sorted(out)
 
 
+class NotRegularFile(OSError):
+    """A FIFO, socket or device where a study file was expected (reading it could block forever)."""
+
+
 def _open(path: Path):
-    """The one place files are opened (a seam for tests of unreadable files)."""
+    """The one place study files are opened (a seam for tests of unreadable files). Only regular
+    files: a FIFO named ``*.json`` would block the audit forever."""
+    st = os.stat(path)
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(21, "is a directory", str(path))
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFile(f"{path} is not a regular file")
     return open(path, "rb")
 
 
@@ -136,6 +201,8 @@ def _reject_constant(name: str):
 def _io_error(path: Path, e: OSError, f: Findings) -> None:
     if isinstance(e, IsADirectoryError):
         f.error("not_a_file", "a directory where a file was expected", path)
+    elif isinstance(e, NotRegularFile):
+        f.error("not_a_file", "not a regular file (a FIFO, socket or device): not read", path)
     elif isinstance(e, FileNotFoundError):
         f.error("missing_file", "file not found", path)
     elif isinstance(e, PermissionError):
@@ -148,9 +215,12 @@ def read_json(path: Path, f: Findings) -> Any:
     """A whole JSON file (checkpoints, prompts), or None with an error naming the file."""
     try:
         with _open(path) as fh:
-            raw = fh.read()
+            raw = fh.read(MAX_JSON_BYTES + 1)
     except OSError as e:
         _io_error(path, e, f)
+        return None
+    if len(raw) > MAX_JSON_BYTES:
+        f.error("too_large", f"file is larger than {MAX_JSON_BYTES >> 20} MB (PATHFLOW_MAX_JSON_MB): not read", path)
         return None
     if not raw.strip():
         f.error("empty_file", "file is empty", path)
@@ -162,6 +232,9 @@ def read_json(path: Path, f: Findings) -> Any:
         return None
     try:
         return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        f.error("too_deep", "JSON nested too deeply to read", path)
+        return None
     except (json.JSONDecodeError, ValueError) as e:
         f.error("bad_json", f"not valid JSON: {e}", path)
         return None
@@ -191,6 +264,8 @@ def normalise_result(r: Any, file: str, idx: int, f: Findings) -> FeatureResult 
     if not isinstance(r, dict):
         f.error("bad_record", f"result is a {type(r).__name__}, not an object", file, idx)
         return None
+    if not check_record(r, file, idx, f):
+        return None
     name, parsed = r.get("feature"), parse_feature(r.get("feature"))
     layer, fid = r.get("layer"), r.get("feature_id")
     if parsed is None and (layer is None or fid is None):
@@ -205,7 +280,8 @@ def normalise_result(r: Any, file: str, idx: int, f: Findings) -> FeatureResult 
         f.error("out_of_range", f"negative layer or feature id ({layer}, {fid})", file, idx)
         return None
     if parsed is not None and parsed != (layer, fid):
-        f.error("inconsistent", f"feature {name!r} disagrees with layer={layer}, feature_id={fid}", file, idx)
+        f.error("inconsistent", f"feature {str(name)[:80]!r} disagrees with layer={layer}, feature_id={fid}", file,
+                idx)
         return None
     n_err = len(f.errors)
     cohen_d = _number(r.get("cohen_d"), "cohen_d", f, file, idx)
@@ -248,13 +324,25 @@ def normalise_result(r: Any, file: str, idx: int, f: Findings) -> FeatureResult 
                          source_file=file, values=values)
 
 
-def _file_time(path: Path, body: dict) -> str:
-    """Newest-wins order: the checkpoint's timestamp, else the one in its name, else mtime."""
+def _parse_time(text: str) -> dt.datetime | None:
+    """``YYYYMMDD_HHMMSS`` (the study's) or ISO 8601; naive times are taken as UTC."""
+    try:
+        t = dt.datetime.strptime(text, "%Y%m%d_%H%M%S") if TS_RE.fullmatch(text) else dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def file_time(path: Path, body: dict) -> tuple[dt.datetime, str]:
+    """When a checkpoint was written, as one comparable UTC time, and where that came from: its
+    ``timestamp`` field, else the timestamp in its name, else the file's modification time."""
     ts = body.get("timestamp")
-    if isinstance(ts, str) and TS_RE.fullmatch(ts):
-        return ts
+    if isinstance(ts, str) and (t := _parse_time(ts)) is not None:
+        return t, "its timestamp field"
     m = TS_RE.search(path.name)
-    return m.group(1) if m else f"mtime:{path.stat().st_mtime:020.6f}"
+    if m and (t := _parse_time(m.group(1))) is not None:
+        return t, "the timestamp in its name"
+    return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc), "its modification time"
 
 
 def read_checkpoints(paths: list[Path], f: Findings, progress: Progress | None = None
@@ -280,14 +368,20 @@ def read_checkpoints(paths: list[Path], f: Findings, progress: Progress | None =
         counts["files_read"] += 1
         recs = [normalise_result(r, str(path), i, f) for i, r in enumerate(body["results"])]
         counts["records"] += len(recs)
-        dated.append((_file_time(path, body), str(path), [(i, r) for i, r in enumerate(recs) if r is not None]))
+        when, why = file_time(path, body)
+        dated.append((when, str(path), why, [(i, r) for i, r in enumerate(recs) if r is not None]))
     features: dict[str, FeatureResult] = {}
-    for _ts, file, recs in sorted(dated):
+    seen: dict[str, tuple[dt.datetime, str]] = {}  # file -> (time, why)
+    for when, file, why, recs in sorted(dated, key=lambda d: (d[0], d[1])):
+        seen[file] = (when, why)
         for i, rec in recs:
             old = features.get(rec.feature)
             if old is not None and old.values != rec.values:
-                f.warn("duplicate_disagrees", f"{rec.feature} differs between {old.source_file} and {file}; "
-                       "the newer file wins", file, i)
+                t_old, why_old = seen[old.source_file]
+                reason = (f"written {when.isoformat()} by {why} vs {t_old.isoformat()} by {why_old}" if when != t_old
+                          else f"both dated {when.isoformat()}; the later name wins")
+                f.warn("duplicate_disagrees", f"{rec.feature} differs between {old.source_file} and {file}; {file} "
+                       f"wins as the newer ({reason})", file, i)
             features[rec.feature] = rec
     return features, counts
 
@@ -364,13 +458,21 @@ def iter_entries(path: Path, f: Findings) -> Iterator[tuple[int, Any]]:
             if path.suffix != ".jsonl" and head.lstrip().startswith(b"{"):
                 f.error("bad_log", "a response log must be a JSON list (or JSONL)", path)
                 return
-            for i, line in enumerate(fh):
+            i = -1
+            while line := fh.readline(MAX_LINE_BYTES + 1):
+                i += 1
+                if len(line) > MAX_LINE_BYTES:
+                    f.error("too_large", f"line {i + 1} is longer than {MAX_LINE_BYTES >> 20} MB: the rest of the "
+                            "file is not read", path, i)
+                    return
                 if not line.strip():
                     continue
                 try:
                     yield i, json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
                 except UnicodeDecodeError as e:
                     f.error("not_utf8", f"line {i + 1} is not UTF-8 ({e.reason})", path, i)
+                except RecursionError:
+                    f.error("too_deep", f"line {i + 1} is nested too deeply to read", path, i)
                 except ValueError as e:
                     f.error("bad_json", f"line {i + 1}: {e}", path, i)
             return
@@ -388,9 +490,11 @@ def normalise_trial(e: Any, file: str, idx: int, f: Findings) -> Trial | None:
     if not isinstance(e, dict):
         f.error("bad_record", f"log entry is a {type(e).__name__}, not an object", file, idx)
         return None
+    if not check_record(e, file, idx, f):
+        return None
     name = e.get("feature")
     if parse_feature(name) is None:
-        f.error("missing_field", f"log entry has no valid 'feature' (got {name!r})", file, idx)
+        f.error("missing_field", f"log entry has no valid 'feature' (got {str(name)[:80]!r})", file, idx)
         return None
     cond = e.get("condition")
     if not isinstance(cond, str) or not cond:
@@ -414,6 +518,8 @@ def read_revalidation(paths: list[Path], f: Findings, progress: Progress | None 
 
     for path in paths:
         for i, e in iter_entries(path, f):
+            if not check_record(e, path, i, f):
+                continue
             try:
                 yield RevalidationTrial.model_validate(e)
             except ValidationError as err:

@@ -131,7 +131,9 @@ def feature_section(r: dict) -> str:
            f'(rank {r["selection"]["rank"]} in its layer).</p>']
     for prompt, faith in r["faithfulness"].items():
         cands = r.get("candidates", {}).get(prompt) or r["pathways"][prompt]
-        out.append(f"<h3>prompt <code>{_e(prompt)}</code>: sign agreement {_num(faith['sign_agreement'], '{:.2f}')}, "
+        at = r.get("positions", {}).get(prompt)
+        out.append(f"<h3>prompt <code>{_e(prompt)}</code> at token {_e('?' if at is None else at)}: sign agreement"
+                   f" {_num(faith['sign_agreement'], '{:.2f}')}, "
                    f"Pearson {_num(faith['pearson'], '{:.2f}')}, Spearman {_num(faith['spearman'], '{:.2f}')}, "
                    f"{len(r['pathways'][prompt])} of {faith['n_candidates']} validated</h3>")
         out.append(pathway_svg(r["feature"], r["layer"], cands))
@@ -182,13 +184,15 @@ def report_html(records: list[dict], run_id: str) -> str:
 def attribution_graph(record: dict, prompt: str, prompt_tokens: list[str], scan: str, run_id: str) -> dict:
     """One feature's pathways on one prompt in the JSON of the attribution-graphs frontend that
     circuit-tracer writes (``metadata``, ``qParams``, ``nodes``, ``links`` with source/target/weight)."""
-    pos = len(prompt_tokens) - 1
+    pos = record.get("positions", {}).get(prompt)
+    pos = len(prompt_tokens) - 1 if pos is None else pos  # the token the target and its upstream features are at
 
     def node(layer: int, fid: int, activation=None, clerp="", influence=None) -> dict:
         nid = f"{layer}_{fid}_{pos}"
         return {"node_id": nid, "feature": fid, "layer": str(layer), "ctx_idx": pos,
                 "feature_type": "cross layer transcoder", "token_prob": 0.0, "is_target_logit": False,
-                "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": f"{layer}_{fid}-0", "clerp": clerp,
+                "run_idx": 0, "reverse_ctx_idx": len(prompt_tokens) - 1 - pos, "jsNodeId": f"{layer}_{fid}-0",
+                "clerp": clerp,
                 "influence": influence, "activation": activation}
 
     cands = (record.get("candidates") or record["pathways"])[prompt]
@@ -203,7 +207,8 @@ def attribution_graph(record: dict, prompt: str, prompt_tokens: list[str], scan:
         "metadata": {"slug": f"pathflow-{run_id}-{record['feature']}-{prompt}".lower(), "scan": scan,
                      "transcoder_list": [], "prompt_tokens": prompt_tokens, "prompt": "".join(prompt_tokens),
                      "node_threshold": None, "schema_version": 1,
-                     "info": {"generator": "pathflow", "run_id": run_id, "target": record["feature"]}},
+                     "info": {"generator": "pathflow", "run_id": run_id, "target": record["feature"],
+                              "position": pos, "position_token": prompt_tokens[pos]}},
         "qParams": {"pinnedIds": [target["node_id"]], "supernodes": [], "linkType": "both",
                     "clickedId": target["node_id"], "sg_pos": ""},
         "nodes": nodes,

@@ -2,7 +2,8 @@
 
 float32, NaN where not computed (layers at or above a target's own layer), Zstd-compressed.
 One chunk per target row: the writer of a target owns its chunk, so writers never share one.
-Attributes: ``targets`` ("L{layer}-{id}"), ``prompts`` and ``layers``.
+Attributes: ``targets`` ("L{layer}-{id}"), ``prompts``, ``layers`` and ``positions`` (the token
+position of each prompt that targets and upstream features are taken at).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from zarr.codecs import ZstdCodec
 ARRAYS = ("grad", "attribution")
 
 
-def create_jacobians(store, targets: list[str], prompts: list[str], n_layers: int, d_sae: int) -> zarr.Group:
+def create_jacobians(store, targets: list[str], prompts: list[str], n_layers: int, d_sae: int,
+                     positions: dict[str, int] | None = None) -> zarr.Group:
     """Create the Jacobian arrays of a run once, before any writer starts (an existing group with
     the same labels is opened as it is, so a resumed run keeps what it wrote)."""
     shape = (len(targets), len(prompts), n_layers, d_sae)
@@ -27,7 +29,8 @@ def create_jacobians(store, targets: list[str], prompts: list[str], n_layers: in
         group.create_array(name, shape=shape, chunks=(1, len(prompts), n_layers, d_sae), dtype="float32",
                            fill_value=np.nan, compressors=[ZstdCodec(level=3)], overwrite=True)
     group.attrs.update({"targets": targets, "prompts": prompts, "layers": list(range(n_layers)),
-                        "dims": ["target", "prompt", "layer", "d_sae"]})
+                        "dims": ["target", "prompt", "layer", "d_sae"],
+                        "positions": positions or {}})  # the token position of each prompt the rows are at
     return group
 
 

@@ -24,6 +24,7 @@ from pathflow.config import Config
 from pathflow.context import get_context
 from pathflow.errors import PathflowError
 from pathflow.pathways import Batch, phase_a, phase_b, phase_c
+from pathflow.preflight import prompt_positions
 from pathflow.study import load_prompts, model_layers, sae_width
 from storage.arrays import create_jacobians, open_jacobians, write_rows
 
@@ -96,7 +97,9 @@ def prepare_jacobians(cfg: Config, store_url: str, run_id: str, targets: list[di
     else:
         ctx = get_context(cfg)
         n_layers, d_sae, prompts = ctx.n_layers, ctx.saes[targets[0]["layer"]].d_sae, list(ctx.prompt_ids)
-    create_jacobians(run.zarr_store("jacobians.zarr"), [t["feature"] for t in targets], prompts, n_layers, d_sae)
+    positions = {k: v["position"] for k, v in prompt_positions(cfg).items()}
+    create_jacobians(run.zarr_store("jacobians.zarr"), [t["feature"] for t in targets], prompts, n_layers, d_sae,
+                     positions)
 
 
 @task(name="pathways", task_run_name="pathways-{batch.name}", tags=["gpu"], cache_policy=NONE,
@@ -153,7 +156,10 @@ def merge_pathways(cfg: Config, store_url: str, run_id: str, results: list[dict]
     run = open_run(store_url, run_id)
     cands = {k: v for r in results for k, v in r["candidates"].items()}
     validated = {k: v for r in results for k, v in r["validated"].items()}
-    run.write_json("pathways/candidates.json", {"topk": cfg.topk.model_dump(), "targets": cands})
-    run.write_json("pathways/validated_pathways.json", {"replay": cfg.replay.model_dump(), "targets": validated})
+    positions = prompt_positions(cfg)  # the token each prompt's targets and candidates sit at
+    run.write_json("pathways/candidates.json", {"topk": cfg.topk.model_dump(), "positions": positions,
+                                                "targets": cands})
+    run.write_json("pathways/validated_pathways.json", {"replay": cfg.replay.model_dump(), "positions": positions,
+                                                        "targets": validated})
     run.write_json("pathways/batches.json", {"batches": [r["marker"] for r in results]})
     return validated
