@@ -8,11 +8,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact
 
 from flows.common import auto_run_id, result_of, run_name
-from flows.pipeline import trace_pathways
+from flows.pipeline import failure, start_or_resume, trace_pathways
 from pathflow.config import Config
 from pathflow.errors import quiet_user_errors
 from pathflow.provenance import provenance
-from storage.store import Store, git_commit, new_run_id
+from storage.store import new_run_id
 from tasks.common import step
 from tasks.integrate import integrate_features
 from tasks.study import audit_study, select_features
@@ -32,8 +32,7 @@ def local_flow(config: Config | str, run_id: str | None = None, feature: str | N
     config = load_config(config) if isinstance(config, str) else config
     run_id = run_id or auto_run_id()
     store_url = config.store.url
-    run = Store(store_url).run(run_id)
-    run.start({**provenance(config), "git_commit": git_commit(), "kind": "local", "feature": feature})
+    run = start_or_resume(config, run_id, False, "local", feature=feature)
     t0 = time.perf_counter()
     try:
         audited = audit_study(config, store_url, run_id)
@@ -51,8 +50,10 @@ def local_flow(config: Config | str, run_id: str | None = None, feature: str | N
             run.write_json("prototype/single_feature_test.json", proto)
         manifest = run.complete()
     except BaseException as e:
-        run.fail(f"{type(e).__name__}: {e}")
+        run.fail(failure(e))
         raise
+    finally:
+        run.lease.release()
     create_link_artifact(key="pathflow-run-folder", link=run.url, description=f"run folder of {run_id}")
     return {"run_id": run_id, "run_url": run.url, "status": manifest["status"], "target": target,
             "record": records[0], "seconds": proto["seconds"]}

@@ -7,11 +7,13 @@ from prefect.artifacts import create_link_artifact, create_progress_artifact, up
 from prefect.futures import as_completed
 
 from flows.common import auto_run_id, result_of, run_name
+from pathflow import interrupt
 from pathflow.config import Config
 from pathflow.errors import PathflowError, quiet_user_errors
 from pathflow.pathways import plan_batches
+from pathflow.preflight import preflight
 from pathflow.provenance import provenance
-from storage.store import Store, git_commit, new_run_id
+from storage.store import Run, Store, git_commit, new_run_id, redact
 from tasks.common import open_run, step
 from tasks.integrate import integrate_features
 from tasks.pathways import batch_pathways, merge_pathways, prepare_jacobians, write_plan
@@ -56,7 +58,8 @@ def audit_and_select(config: Config, run_id: str, run) -> tuple[dict, list[dict]
 
 def run_steps(config: Config, run, trace) -> dict:
     """Steps 1–5 of a started run around ``trace(targets) -> validated`` (step 3), then the run marked
-    complete; any error marks it failed (what it wrote stays, for a resume) and is raised again."""
+    complete; any error marks it failed (what it wrote stays, for a resume) and is raised again.
+    The run's lease is released either way."""
     try:
         audited, targets = audit_and_select(config, run.run_id, run)
         validated = trace(targets)
@@ -65,27 +68,61 @@ def run_steps(config: Config, run, trace) -> dict:
                                      tokens)
         manifest = run.complete()
     except BaseException as e:
-        run.fail(f"{type(e).__name__}: {e}")
+        run.fail(failure(e))
         raise
+    finally:
+        run.lease.release()
     create_link_artifact(key="pathflow-run-folder", link=run.url, description=f"run folder of {run.run_id}")
     return {"run_id": run.run_id, "run_url": run.url, "status": manifest["status"], "n_targets": len(targets),
             "records": records}
 
 
-def start_or_resume(config: Config, run_id: str, resume: bool, kind: str, **extra) -> object:
-    run = Store(config.store.url).run(run_id)
-    if not resume:
-        run.start({**provenance(config), "git_commit": git_commit(), "kind": kind, **extra})
-        return run
+def failure(e: BaseException) -> str:
+    """What a failed run's manifest says happened."""
+    if isinstance(e, KeyboardInterrupt):
+        return f"interrupted ({interrupt.reason() or 'SIGINT'}); resumable"
+    return f"{type(e).__name__}: {e}"
+
+
+def check_resumable(run, config: Config) -> dict:
+    """The manifest of a run that ``config`` may resume (exists, not complete, same config hash)."""
     if not run.exists():
-        raise PathflowError(f"no run {run_id} in store {config.store.url}")
+        raise PathflowError(f"no run {run.run_id} in store {redact(config.store.url)}")
     m = run.manifest()
     if m["status"] == "complete":
-        raise PathflowError(f"run {run_id} is complete; a complete run is never changed (start a new run)")
-    if m["config_hash"] != config.hash():
-        raise PathflowError(f"run {run_id} was made with another config (hash {m['config_hash'][:12]}…); "
+        raise PathflowError(f"run {run.run_id} is complete; a complete run is never changed (start a new run)")
+    if m.get("config_hash") != config.hash():
+        raise PathflowError(f"run {run.run_id} was made with another config (hash {str(m.get('config_hash'))[:12]}…); "
                             "resume it with the config in its manifest")
-    run.update(status="running", resumes=m.get("resumes", 0) + 1)
+    return m
+
+
+def start_or_resume(config: Config, run_id: str, resume: bool, kind: str, **extra) -> Run:
+    """Check everything that can be checked before work (``preflight``), take the run's lease (one
+    writer at a time), then start a new run or reopen an unfinished one. The returned run carries
+    its lease (``run.lease``); ``run_steps`` releases it."""
+    positions = preflight(config)
+    store = Store(config.store.url)
+    store.check_writable()
+    run = store.run(run_id)
+    if resume:
+        check_resumable(run, config)
+    elif run.exists():
+        raise PathflowError(f"run {run_id} already exists in {redact(config.store.url)}: choose another run id, or "
+                            f"finish it with resume (pathflow run --resume {run_id})")
+    lease = run.acquire(note=kind)
+    lease.on_lost = lambda: interrupt.request(f"run {run_id}'s lease was taken by another process")
+    try:
+        if resume:  # read again under the lease: another writer may have finished it meanwhile
+            m = check_resumable(run, config)
+            run.update(status="running", resumes=m.get("resumes", 0) + 1, error=None)
+        else:
+            run.start({**provenance(config), "git_commit": git_commit(), "kind": kind, "positions": positions,
+                       **extra})
+    except BaseException:
+        lease.release()
+        raise
+    run.lease = lease
     return run
 
 

@@ -56,6 +56,8 @@ def shard_flow(config: Config | str, run_id: str, shard: int) -> dict:
     logger = get_run_logger()
     config = load_config(config) if isinstance(config, str) else config
     run = open_run(config.store.url, run_id)
+    if run.manifest()["status"] == "complete":  # a complete run is never written to
+        raise PathflowError(f"run {run_id} is complete: shard {shard} has nothing to do")
     batches = shard_of_plan(run, shard)
     logger.info("shard %d of run %s: %d batches, %d targets", shard, run_id, len(batches),
                 sum(len(b.targets) for b in batches))

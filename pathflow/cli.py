@@ -1,23 +1,38 @@
-"""The ``pathflow`` command line. Prints for people; errors are one clear line and a non-zero exit."""
+"""The ``pathflow`` command line. Prints for people; errors are one clear line and a non-zero exit.
+
+User text (run ids, paths, study values, error messages) is always printed as text, never parsed
+as Rich markup: both consoles have markup off, and styling comes from ``Text`` spans.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .config import ConfigError, load_config
+from .errors import PathflowError
 
 app = typer.Typer(help="pathflow: find and validate the pathways to causal SAE features.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console()
-err = Console(stderr=True)
+console = Console(markup=False, highlight=False)
+err = Console(stderr=True, markup=False, highlight=False)
+VERBOSE = [False]
+
+
+def styled(*parts) -> Text:
+    """Text from plain strings and (string, style) pairs: nothing in it is read as markup."""
+    return Text.assemble(*[(str(p[0]), p[1]) if isinstance(p, tuple) else str(p) for p in parts])
 
 DEFAULT_DEMO_DIR = "pathflow-demo"
 
@@ -26,7 +41,7 @@ StoreOpt = typer.Option(None, "--store", help="artifact store URL; overrides sto
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(styled(("error: ", "bold red"), message))
     raise typer.Exit(code)
 
 
@@ -39,9 +54,12 @@ def _ensure_demo(directory: Path) -> Path:
     if not cfg.is_file():
         from .demo import write_demo
 
-        with console.status(f"writing the demo bundle to {directory} (tiny model, SAEs, study)…"):
-            write_demo(directory)
-        console.print(f"demo bundle written to [bold]{directory}[/]")
+        try:
+            with console.status(f"writing the demo bundle to {directory} (tiny model, SAEs, study)…"):
+                write_demo(directory)
+        except PathflowError as e:
+            _fail(str(e))
+        console.print(styled("demo bundle written to ", (directory, "bold")))
     return cfg
 
 
@@ -54,6 +72,7 @@ def _load(config: Path | None, store: str | None):
 
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show debug logs")) -> None:
+    VERBOSE[0] = verbose
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     # a GPU node or laptop may have no internet: no telemetry attempts, no download bars in our output
@@ -71,8 +90,11 @@ def demo(directory: Path = typer.Argument(Path(DEFAULT_DEMO_DIR), help="where to
     """Write the embedded demo bundle: tiny LLaMA model + tokenizer, LlamaScope-format SAEs, a study."""
     from .demo import write_demo
 
-    with console.status(f"writing the demo bundle to {directory}…"):
-        cfg = write_demo(directory, seed=seed)
+    try:
+        with console.status(f"writing the demo bundle to {directory}…"):
+            cfg = write_demo(directory, seed=seed)
+    except PathflowError as e:
+        _fail(str(e))
     metrics = json.loads((directory / "demo_metrics.json").read_text())
     t = Table(title="demo SAEs (fitted on the demo model's resid_post)")
     t.add_column("layer")
@@ -81,7 +103,7 @@ def demo(directory: Path = typer.Argument(Path(DEFAULT_DEMO_DIR), help="where to
     for layer, m in metrics["layers"].items():
         t.add_row(layer, f"{m['fvu']:.3f}", f"{m['l0']:.1f}")
     console.print(t)
-    console.print(f"config: [bold]{cfg}[/]   causal features: {', '.join(metrics['causal'])}")
+    console.print(styled("config: ", (cfg, "bold"), f"   causal features: {', '.join(metrics['causal'])}"))
 
 
 @app.command()
@@ -92,29 +114,29 @@ def local(
     store: str | None = StoreOpt,
 ) -> None:
     """Run one causal feature through every step as a Prefect flow (the demo bundle by default)."""
-    from .errors import PathflowError
     from .study import parse_feature
 
     if feature is not None and parse_feature(feature) is None:
         _fail(f"--feature {feature!r} is not of the form L{{layer}}-{{id}}, e.g. L3-142")
     cfg = _load(config, store)
+    run = _preflight(cfg)
+    run.kind = "local"  # not resumable: a failed prototype is simply run again
     from flows.local import run_local
+    from flows.server import prefect_api
 
     try:
-        with console.status("running pathflow-local (audit → select → jacobians → top-k → replay → tokens → "
-                            "integrate)…"):
-            result = run_local(cfg, feature=feature)
+        with _interruptible(run), prefect_api(), console.status(
+                "running pathflow-local (audit → select → jacobians → top-k → replay → tokens → integrate)…"):
+            result = run_local(cfg, feature=feature, run_id=run.run_id)
     except PathflowError as e:
         _fail(str(e), 1)
-    except Exception as e:  # a failed flow: the cause is in its message; the run folder says failed
-        _fail(f"{type(e).__name__}: {e}", 1)
     _print_local(result)
 
 
 def _print_local(result: dict) -> None:
     rec = result["record"]
-    console.print(f"\n[bold]target[/] {rec['feature']} ({rec['direction']}), "
-                  f"selected by |{rec['selection']['rank_key']}| = {rec['selection']['rank_value']:.3g}")
+    console.print(styled("\n", ("target", "bold"), f" {rec['feature']} ({rec['direction']}), selected by "
+                         f"|{rec['selection']['rank_key']}| = {rec['selection']['rank_value']:.3g}"))
     for prompt, faith in rec["faithfulness"].items():
         t = Table(title=f"top upstream features on the '{prompt}' prompt "
                         f"(sign agreement {faith['sign_agreement']:.2f}, Spearman {faith['spearman'] or 0:.2f})")
@@ -125,11 +147,15 @@ def _print_local(result: dict) -> None:
                       f"{c['predicted_change']:+.3g}", f"{c['actual_change']:+.3g}", "✓" if c["sign_agrees"] else "✗")
         console.print(t)
     w = rec["tokens"]["writes"]
-    console.print("[bold]promotes[/]  " + "  ".join(repr(t["token"]) for t in w["promoted"][:8]))
-    console.print("[bold]suppresses[/] " + "  ".join(repr(t["token"]) for t in w["suppressed"][:8]))
+    console.print(styled(("promotes", "bold"), "  " + "  ".join(repr(t["token"]) for t in w["promoted"][:8])))
+    console.print(styled(("suppresses", "bold"), " " + "  ".join(repr(t["token"]) for t in w["suppressed"][:8])))
     secs = ", ".join(f"{k} {v:.2f}s" for k, v in result["seconds"].items() if v is not None)
     console.print(f"\nsteps: {secs}")
-    console.print(f"run [bold]{result['run_id']}[/] {result['status']}: [bold]{result['run_url']}[/]")
+    _print_done(result)
+
+
+def _print_done(result: dict) -> None:
+    console.print(styled("run ", (result["run_id"], "bold"), f" {result['status']}: ", (result["run_url"], "bold")))
 
 
 def _audit_with_progress(cfg):
@@ -167,14 +193,14 @@ def _print_audit(report: dict) -> None:
     t.add_row("logged features without a result", str(j["logs_without_result"]))
     t.add_row("log entries", f"{c['response_log_files']['entries']} ({c['response_log_files']['empty_responses']} "
               "empty)")
-    t.add_row("errors", f"[red]{len(report['errors'])}[/]" if report["errors"] else "0")
+    t.add_row("errors", Text(str(len(report["errors"])), style="red") if report["errors"] else "0")
     t.add_row("warnings", str(len(report["warnings"])))
     console.print(t)
     for kind, items, style in (("error", report["errors"], "red"), ("warning", report["warnings"], "yellow")):
         for e in items[:15]:
             where = f" ({e['file']}" + (f", record {e['record']}" if e["record"] is not None else "") + ")" \
                 if e["file"] else (f" ({e['record']})" if e["record"] is not None else "")
-            console.print(f"[{style}]{kind}[/] {e['code']}: {e['message']}{where}", highlight=False)
+            console.print(styled((kind, style), f" {e['code']}: {e['message']}{where}"))
         if len(items) > 15:
             console.print(f"… and {len(items) - 15} more {kind}s (see the JSON report)")
 
@@ -186,9 +212,8 @@ def audit_cmd(config: Path | None = ConfigOpt,
 
     Exit 0 validated (warnings allowed), 1 errors found, 2 usage error (missing file, bad config).
     """
-    from .errors import PathflowError
-
     cfg = _load(config, None)
+    _check_out(out)
     try:
         report, _ = _audit_with_progress(cfg)
     except PathflowError as e:
@@ -197,7 +222,8 @@ def audit_cmd(config: Path | None = ConfigOpt,
     if out:
         _write_json(out, report)
         console.print(f"report: {out}")
-    console.print("[green]validated[/]" if report["validated"] else "[red]not validated[/]: fix the errors above")
+    console.print(styled(("validated", "green")) if report["validated"] else
+                  styled(("not validated", "red"), ": fix the errors above"))
     raise typer.Exit(0 if report["validated"] else 1)
 
 
@@ -211,10 +237,10 @@ def select_cmd(config: Path | None = ConfigOpt,
     """Step 1: the causal features, top-N per layer by |cohen_d| (effect size where cohen_d is absent)."""
     from pydantic import ValidationError
 
-    from .errors import PathflowError
     from .study import select
 
     cfg = _load(config, None)
+    _check_out(out)
     try:
         for key, value in (("layers", layer or None), ("direction", direction), ("top_per_layer", top)):
             if value is not None:
@@ -234,18 +260,132 @@ def select_cmd(config: Path | None = ConfigOpt,
                   else "–", str(s["rank"]))
     console.print(t)
     if not report["validated"]:
-        console.print(f"[yellow]the study audit found {len(report['errors'])} errors; run `pathflow audit`[/]")
+        console.print(styled((f"the study audit found {len(report['errors'])} errors; run `pathflow audit`",
+                              "yellow")))
     if out:
         _write_json(out, {"selection": cfg.selection.model_dump(), "n_selected": len(selected), "features": selected})
         console.print(f"written: {out}")
 
 
+def _check_out(out: Path | None) -> None:
+    """An --out file is checked before any work: writable, not a folder, not inside a run folder."""
+    from .locations import check_out_path
+
+    if out is not None:
+        try:
+            check_out_path(out)
+        except PathflowError as e:
+            _fail(str(e))
+
+
 def _write_json(path: Path, obj) -> None:
     """Atomic: a crash never leaves a half-written report where an old one was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    import secrets
+
+    _check_out(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(4)}")
+        tmp.write_text(json.dumps(obj, indent=2))
+        tmp.replace(path)
+    except OSError as e:
+        _fail(f"cannot write {path}: {e.strerror or e}", 1)
+
+
+def _preflight(cfg, resume: str | None = None):
+    """Everything checkable before a server starts or work begins: the store (persistent, writable,
+    not inside a run), the run id, the device, the prompts and the target position. Returns the Run."""
+    from flows.pipeline import check_resumable
+    from storage.store import Store, new_run_id
+
+    from .preflight import preflight
+
+    try:
+        store = Store(cfg.store.url)
+        store.check_writable()
+        run = store.run(resume or new_run_id())
+        if resume:
+            check_resumable(run, cfg)
+            holder = run.writer()
+            if holder:
+                _fail(f"run {run.run_id} is being written by another process ({holder.get('host')}, pid "
+                      f"{holder.get('pid')}): wait for it to finish, or stop it first")
+        preflight(cfg)
+    except PathflowError as e:
+        _fail(str(e))
+    return run
+
+
+def _resume_hint(run) -> str:
+    """How to finish ``run``: only for a pipeline run that exists and is not complete."""
+    if getattr(run, "kind", "pipeline") != "pipeline":
+        return ""
+    try:
+        if run.exists() and run.manifest().get("status") != "complete":
+            return f"\nthe run folder {run.url} can be resumed: pathflow run --resume {run.run_id}" + (
+                f" --store {run.store.url}" if run.store.url != load_config(None).store.url else "")
+    except Exception:  # the store is unreachable: no hint rather than a second error
+        pass
+    return ""
+
+
+def _grace_seconds() -> float:
+    return float(os.environ.get("PATHFLOW_INTERRUPT_GRACE_S", "10"))
+
+
+@contextmanager
+def _interruptible(run):
+    """Ctrl-C and SIGTERM end the run promptly as resumable: the first signal asks the work to stop
+    (batches stop between sub-batches, the flow marks the run failed and releases its lease);
+    if that has not finished after PATHFLOW_INTERRUPT_GRACE_S seconds, or at a second signal, the
+    run is marked and the process exits at once. Either way the temporary server is stopped and
+    the resume command printed."""
+    from . import interrupt
+
+    interrupt.clear()
+    done = threading.Event()
+    hint_printed = [False]
+
+    def hard_exit(code: int) -> None:
+        from flows.server import stop_all
+        from storage.store import release_all
+
+        if run.exists():
+            run.fail(f"interrupted ({interrupt.reason()}); resumable")
+        release_all()
+        stop_all()
+        if not hint_printed[0]:
+            err.print(styled(("interrupted", "bold red"), f" ({interrupt.reason()})" + _resume_hint(run)))
+        os._exit(code)
+
+    def handler(signum, _frame):
+        name = signal.Signals(signum).name
+        code = 128 + signum
+        if interrupt.requested():
+            hard_exit(code)
+        interrupt.request(name)
+        err.print(styled(("stopping", "yellow"), f" ({name}): finishing the current step; signal again to stop now"))
+
+        def watchdog():
+            if not done.wait(_grace_seconds()):
+                hard_exit(code)
+
+        threading.Thread(target=watchdog, daemon=True).start()
+        raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except KeyboardInterrupt:
+        hint_printed[0] = True
+        err.print(styled(("interrupted", "bold red"), f" ({interrupt.reason() or 'SIGINT'})" + _resume_hint(run)))
+        raise typer.Exit(128 + (signal.SIGTERM if interrupt.reason() == "SIGTERM" else signal.SIGINT)) from None
+    except PathflowError as e:
+        raise PathflowError(f"{e}{_resume_hint(run)}") from None
+    finally:
+        done.set()
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 @app.command("run")
@@ -253,22 +393,19 @@ def run_cmd(config: Path | None = ConfigOpt, store: str | None = StoreOpt,
             resume: str | None = typer.Option(None, "--resume", help="finish run RUN_ID: recompute only what is "
                                               "missing")) -> None:
     """The full pipeline as a Prefect flow: every selected feature through every step."""
-    from .errors import PathflowError
-
-    if resume and config is None:
-        cfg = _config_of_run(store, resume)
-    else:
-        cfg = _load(config, store)
+    if resume:
+        _check_run_id(resume)
+    cfg = _config_of_run(store, resume) if resume and config is None else _load(config, store)
+    run = _preflight(cfg, resume)
     from flows.pipeline import run_pipeline
-    from storage.store import Store, new_run_id
+    from flows.server import prefect_api
 
-    run_id = resume or new_run_id()
-    run = Store(cfg.store.url).run(run_id)
+    err.print(styled("run ", (run.run_id, "bold"), f" in {run.store.url}"))
     try:
-        with _batch_progress(run):
-            result = run_pipeline(cfg, run_id=run_id, resume=bool(resume))
+        with _interruptible(run), prefect_api(), _batch_progress(run):
+            result = run_pipeline(cfg, run_id=run.run_id, resume=bool(resume))
     except PathflowError as e:
-        _fail(f"{e}\nthe run folder {run.url} can be resumed: pathflow run --resume {run_id}", 1)
+        _fail(str(e), 1)
     from .integrate import summary_rows
 
     rows = summary_rows(result["records"])
@@ -279,21 +416,32 @@ def run_cmd(config: Path | None = ConfigOpt, store: str | None = StoreOpt,
         t.add_row(*[f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in
                     ("feature", "direction", "prompt", "n_validated", "sign_agreement", "spearman", "top_upstream")])
     console.print(t)
-    console.print(f"run [bold]{result['run_id']}[/] {result['status']}: [bold]{result['run_url']}[/]")
+    _print_done(result)
+
+
+def _check_run_id(run_id: str) -> str:
+    from .locations import check_run_id
+
+    try:
+        return check_run_id(run_id)
+    except PathflowError as e:
+        _fail(str(e))
 
 
 def _config_of_run(store: str | None, run_id: str):
     """The resolved config a run was started with, from its manifest."""
-    from storage.store import Store
+    from pydantic import ValidationError
 
-    from .config import Config, load_config
+    from .config import Config
 
-    url = load_config(None, store=store).store.url
-    run = Store(url).run(run_id)
-    if not run.exists():
-        _fail(f"no run {run_id} in store {url} (give --store or set PATHFLOW_STORE)")
-    cfg = Config.model_validate(run.manifest()["config"])
-    cfg.store.url = url
+    run = _run_or_fail(store, run_id)
+    try:
+        cfg = Config.model_validate(run.manifest()["config"])
+        cfg.store.url = run.store.url
+    except ValidationError as e:
+        _fail(f"the config in run {run_id}'s manifest is not valid here: {e.errors()[0]['msg']}")
+    except PathflowError as e:
+        _fail(str(e))
     return cfg
 
 
@@ -304,8 +452,6 @@ class _batch_progress:
         self.run = run
 
     def __enter__(self):
-        import threading
-
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(TextColumn("pathway batches"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -321,13 +467,13 @@ class _batch_progress:
 
         task, plan = None, None
         while not self.stop.wait(0.5):
-            if plan is None:  # written once per run, before the first batch starts
-                try:
+            try:
+                if plan is None:  # written once per run, before the first batch starts
                     plan = set(self.run.read_json("pathways/plan.json")["batches"])
-                except Exception:
-                    continue
-                task = self.bar.add_task("batches", total=len(plan))
-            self.bar.update(task, completed=len(done_batches(self.run) & plan))
+                    task = self.bar.add_task("batches", total=len(plan))
+                self.bar.update(task, completed=len(done_batches(self.run) & plan))
+            except Exception:  # not written yet, or the store hiccuped: the next poll tries again
+                continue
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
@@ -342,16 +488,29 @@ app.add_typer(runs_app, name="runs")
 def _store(store: str | None):
     from storage.store import Store
 
-    from .config import load_config
-
-    return Store(load_config(None, store=store).store.url)
+    try:
+        return Store(load_config(None, store=store).store.url)
+    except PathflowError as e:
+        _fail(str(e))
 
 
 def _run_or_fail(store: str | None, run_id: str):
+    _check_run_id(run_id)
     run = _store(store).run(run_id)
-    if not run.exists():
-        _fail(f"no run {run_id} in store {run.store.url}")
+    try:
+        found = run.exists()
+    except OSError as e:
+        _fail(f"cannot read store {run.store.url}: {e}")
+    if not found:
+        _fail(f"no run {run_id} in store {run.store.url} (give --store or set PATHFLOW_STORE)")
     return run
+
+
+def _manifest(run) -> dict:
+    try:
+        return run.manifest()
+    except PathflowError as e:
+        _fail(str(e), 1)
 
 
 @runs_app.command("list")
@@ -362,41 +521,50 @@ def runs_list(store: str | None = StoreOpt) -> None:
     t.add_column("run", no_wrap=True, min_width=22)
     for col in ("status", "kind", "created", "outputs", "config"):
         t.add_column(col, overflow="fold", no_wrap=col != "created")
-    for rid in s.run_ids():
+    try:
+        ids = s.run_ids()
+    except PathflowError as e:
+        _fail(str(e), 1)
+    for rid in ids:
         try:
             m = s.run(rid).manifest()
-        except Exception:
-            t.add_row(rid, "[red]no manifest[/]", "", "", "", "")
+        except (PathflowError, OSError) as e:
+            t.add_row(rid, Text("unreadable", style="red"), "", "", "", str(e)[:60])
             continue
-        t.add_row(rid, m.get("status", "?"), m.get("kind", ""), m.get("created", "").replace("+00:00", "Z"),
-                  str(len(m.get("outputs", {}))), m.get("config_hash", "")[:8])
+        t.add_row(rid, str(m.get("status", "?")), str(m.get("kind", "")),
+                  str(m.get("created", "")).replace("+00:00", "Z"), str(len(m.get("outputs", {}))),
+                  str(m.get("config_hash", ""))[:8])
     console.print(t)
 
 
 @runs_app.command("show")
 def runs_show(run_id: str, store: str | None = StoreOpt) -> None:
     """A run's manifest: status, versions, inputs, steps, outputs."""
-    m = _run_or_fail(store, run_id).manifest()
-    console.print(f"[bold]{run_id}[/] {m['status']}  created {m['created']}  pathflow {m.get('pathflow_version')}"
-                  f"  commit {m.get('git_commit') or '–'}  config {m['config_hash'][:12]}")
-    console.print(f"model {m['model']['name_or_path']} @ {m['model'].get('revision') or 'local'};  "
-                  f"SAEs {m['sae']['root']} ({len(m['sae'].get('layers', {}))} layers hashed);  "
-                  f"{len(m.get('inputs', {}))} input files hashed")
+    m = _manifest(_run_or_fail(store, run_id))
+    model, sae = m.get("model") or {}, m.get("sae") or {}
+    console.print(styled((run_id, "bold"), f" {m['status']}  created {m.get('created')}  pathflow "
+                         f"{m.get('pathflow_version')}  commit {m.get('git_commit') or '–'}  config "
+                         f"{str(m.get('config_hash', ''))[:12]}"))
+    console.print(f"model {model.get('name_or_path')} @ {model.get('revision') or 'local'};  "
+                  f"SAEs {sae.get('root')} ({len(sae.get('layers') or {})} layers hashed);  "
+                  f"{len(m.get('inputs') or {})} input files hashed;  positions {m.get('positions') or '–'}")
     t = Table(title="steps")
     for col in ("step", "status", "seconds"):
         t.add_column(col)
-    for name, st in m.get("steps", {}).items():
-        t.add_row(name, st.get("status", ""), str(st.get("seconds", "")))
+    for name, st in (m.get("steps") or {}).items():
+        st = st if isinstance(st, dict) else {}
+        t.add_row(str(name), str(st.get("status", "")), str(st.get("seconds", "")))
     console.print(t)
-    console.print(f"{len(m.get('outputs', {}))} outputs with sha256" + (f"; error: {m['error']}" if m.get("error")
-                                                                         else ""))
+    console.print(f"{len(m.get('outputs') or {})} outputs with sha256" + (f"; error: {m['error']}" if m.get("error")
+                                                                           else ""))
 
 
 @runs_app.command("verify")
 def runs_verify(run_id: str, store: str | None = StoreOpt) -> None:
-    """Check every output's sha256 against the manifest. Exit 1 on any mismatch or missing file."""
+    """Check every output's sha256 against the manifest, and that the folder holds nothing else.
+    Exit 1 on a mismatch, a missing file or a file the manifest does not list."""
     run = _run_or_fail(store, run_id)
-    m = run.manifest()
+    m = _manifest(run)
     if m.get("status") != "complete":
         _fail(f"run {run_id} is {m.get('status')}, not complete: nothing to verify yet", 1)
     present = set(run.files())
@@ -406,14 +574,16 @@ def runs_verify(run_id: str, store: str | None = StoreOpt) -> None:
             bad.append((rel, "missing"))
         elif run.sha256(rel) != digest:
             bad.append((rel, "sha256 differs"))
-    extra = sorted(present - set(m["outputs"]))
+    extra = run.unlisted(m)
     for rel, why in bad:
-        console.print(f"[red]{why}[/] {rel}", highlight=False)
+        console.print(styled((why, "red"), f" {rel}"))
     for rel in extra:
-        console.print(f"[yellow]not in the manifest[/] {rel}", highlight=False)
-    if bad:
-        _fail(f"{len(bad)} of {len(m['outputs'])} outputs do not match run {run_id}'s manifest", 1)
-    console.print(f"[green]ok[/]: {len(m['outputs'])} outputs match the manifest")
+        console.print(styled(("not in the manifest", "red"), f" {rel}"))
+    if bad or extra:
+        _fail(f"run {run_id} does not match its manifest: {len(bad)} of {len(m['outputs'])} outputs missing or "
+              f"changed, {len(extra)} files it does not list", 1)
+    console.print(styled(("ok", "green"), f": {len(m['outputs'])} outputs match the manifest, nothing else in the "
+                         "folder"))
 
 
 def _flat(d, prefix=""):
@@ -430,8 +600,8 @@ def _flat(d, prefix=""):
 def runs_diff(run_a: str, run_b: str, store: str | None = StoreOpt) -> None:
     """Config and result differences between two runs."""
     a, b = _run_or_fail(store, run_a), _run_or_fail(store, run_b)
-    ma, mb = a.manifest(), b.manifest()
-    ca, cb = _flat(ma["config"]), _flat(mb["config"])
+    ma, mb = _manifest(a), _manifest(b)
+    ca, cb = _flat(ma.get("config") or {}), _flat(mb.get("config") or {})
     t = Table(title="config")
     for col in ("key", run_a, run_b):
         t.add_column(col)
@@ -439,7 +609,7 @@ def runs_diff(run_a: str, run_b: str, store: str | None = StoreOpt) -> None:
         if ca.get(k) != cb.get(k):
             t.add_row(k, json.dumps(ca.get(k)), json.dumps(cb.get(k)))
     console.print(t if t.row_count else "config: identical")
-    oa, ob = ma.get("outputs", {}), mb.get("outputs", {})
+    oa, ob = ma.get("outputs") or {}, mb.get("outputs") or {}
     differ = sorted(k for k in set(oa) | set(ob) if oa.get(k) != ob.get(k))
     console.print(f"outputs: {len(differ)} of {len(set(oa) | set(ob))} differ" + (": " + ", ".join(differ[:12])
                                                                                   if differ else ""))
@@ -461,8 +631,21 @@ def runs_diff(run_a: str, run_b: str, store: str | None = StoreOpt) -> None:
 
 
 def main() -> None:
+    """Entry point: a user's problem is one line and exit 2 (usage) or 1; an unexpected error is one
+    line too (with ``-v``, its traceback), never a bare traceback."""
     try:
         app()
     except KeyboardInterrupt:
-        err.print("interrupted")
+        err.print(styled(("interrupted", "bold red")))
         sys.exit(130)
+    except PathflowError as e:
+        err.print(styled(("error: ", "bold red"), str(e)))
+        sys.exit(1)
+    except Exception as e:
+        if VERBOSE[0]:
+            import traceback
+
+            traceback.print_exc()
+        err.print(styled(("error: ", "bold red"), f"unexpected {type(e).__name__}: {e}",
+                         ("  (a bug in pathflow: run again with -v for the traceback and report it)", "dim")))
+        sys.exit(1)

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from .config import REAL_CONDITIONS
+from .errors import PathflowError
 
 log = logging.getLogger(__name__)
 
@@ -240,12 +241,36 @@ def _study(out: Path, rng: random.Random, active: dict[int, list[int]], n_layers
 
 
 def write_demo(directory: str | Path = "pathflow-demo", seed: int = 0) -> Path:
-    """Write the demo bundle to ``directory`` (deterministic in ``seed``); returns the config path."""
+    """Write the demo bundle to ``directory`` (deterministic in ``seed``); returns the config path.
+
+    Only into a new or empty folder: the bundle is built in a temporary sibling and renamed into
+    place, so an existing config or study is never overwritten and a crash leaves nothing half-written.
+    """
+    import secrets
+    import shutil
+
+    out = Path(directory)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PathflowError(f"{out} exists and is not empty: the demo bundle is written only into a new or empty "
+                            "folder (nothing was changed); choose another folder or remove this one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+    try:
+        _write_bundle(tmp, seed)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / "config.yaml"
+
+
+def _write_bundle(out: Path, seed: int) -> None:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True)
     rng = random.Random(seed)
     torch.manual_seed(seed)
     corpus = _corpus(rng)
@@ -303,7 +328,5 @@ def write_demo(directory: str | Path = "pathflow-demo", seed: int = 0) -> Path:
         "gradients": {"batch_size": 4, "position": -1},
         "topk": {"k": 10, "score": "attribution"},
     }
-    path = out / "config.yaml"
-    path.write_text("# pathflow demo bundle: every path is relative to this file\n"
-                    + yaml.safe_dump(config, sort_keys=False))
-    return path
+    (out / "config.yaml").write_text("# pathflow demo bundle: every path is relative to this file\n"
+                                     + yaml.safe_dump(config, sort_keys=False))

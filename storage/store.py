@@ -288,11 +288,29 @@ class Run:
             log.info("run %s is complete; not marked failed", self.run_id)
 
     # -- the lease: one writer at a time -------------------------------------------------------
+    def writer(self) -> dict | None:
+        """The live lease holder of this run ({host, pid, expires, …}), or None when nobody writes it."""
+        lease = Lease(self)
+        h = lease.holder()
+        return None if h is None or lease._stale(h) else h
+
     def acquire(self, ttl: float | None = None, note: str = "") -> Lease:
         """Take this run's lease (see ``Lease``); raises LeaseHeld naming the holder."""
         lease = Lease(self, ttl)
         lease.acquire(note)
         return lease
+
+
+_ACTIVE: set = set()  # leases held by this process (a hard exit releases them)
+
+
+def release_all() -> None:
+    """Release every lease this process holds (a hard exit after an interrupt)."""
+    for lease in list(_ACTIVE):
+        try:
+            lease.release()
+        except Exception as e:  # the store is unreachable: the lease expires by itself
+            log.warning("lease of run %s not released: %s", lease.run.run_id, e)
 
 
 def _lease_ttl() -> float:
@@ -389,6 +407,7 @@ class Lease:
             raise LeaseHeld(f"run {self.run.run_id}: could not take its lease (another process keeps taking it)")
         self._thread = threading.Thread(target=self._renew, name=f"lease-{self.run.run_id}", daemon=True)
         self._thread.start()
+        _ACTIVE.add(self)
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):
@@ -406,6 +425,7 @@ class Lease:
     def release(self) -> None:
         """Stop renewing and remove the lease, if it is still ours."""
         self._stop.set()
+        _ACTIVE.discard(self)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
         h = self.holder()

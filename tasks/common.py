@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
+from pathflow import interrupt
 from storage.store import Run, Store
 
 
@@ -15,6 +16,7 @@ def open_run(store_url: str, run_id: str) -> Run:
 @contextmanager
 def step(run: Run, name: str, **info):
     """Mark a pipeline step running, then done (with its wall time) or failed in the manifest."""
+    interrupt.check()
     t0 = time.perf_counter()
     run.step(name, "running", **info)
     try:

@@ -19,6 +19,7 @@ import time
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
+from pathflow import interrupt
 from pathflow.batching import batch_size_for_attempt, chunks, is_oom
 from pathflow.config import Config
 from pathflow.context import get_context
@@ -113,6 +114,7 @@ def batch_pathways(cfg: Config, store_url: str, run_id: str, batch: Batch) -> di
     if run.exists(done_marker(batch.name)):  # finished before an interruption: read it back
         logger.info("%s: done in an earlier attempt, not recomputed", batch.name)
         return read_batch(run, batch.name)
+    interrupt.check()  # a run being stopped starts no more batches
     if batch.name in os.environ.get(FAIL_ENV, "").split(","):
         raise RuntimeError(f"{batch.name}: failing as {FAIL_ENV} asks")
     attempt = task_run.run_count or 1
@@ -121,11 +123,12 @@ def batch_pathways(cfg: Config, store_url: str, run_id: str, batch: Batch) -> di
         logger.warning("%s: attempt %d after out-of-memory, sub-batches of %d", batch.name, attempt, size)
     ctx = get_context(cfg)
     t0 = time.perf_counter()
-    time.sleep(float(os.environ.get("PATHFLOW_BATCH_DELAY_S", "0")))  # debugging aid: slow batches down
+    interrupt.sleep(float(os.environ.get("PATHFLOW_BATCH_DELAY_S", "0")))  # debugging aid: slow batches down
     cands, validated, memory = {}, {}, []
     with _MODEL_LOCK:
         prefixes = ctx.prefixes()
         for j, part in enumerate(chunks(batch.targets, size)):
+            interrupt.check()
             sub = Batch(name=f"{batch.name}.{j}", layer=batch.layer, targets=list(part))
             bj = phase_a(ctx.model, ctx.saes, prefixes, sub, ctx.n_layers, ctx.device, backoff=False)
             write_rows(open_jacobians(run.zarr_store("jacobians.zarr")), [t["index"] for t in sub.targets],

@@ -1,0 +1,119 @@
+"""A temporary Prefect API for one CLI command, owned by pathflow rather than by Prefect.
+
+Prefect's own ephemeral server is a plain child process: Ctrl-C to the terminal's process
+group kills it while the flow still reports to it (the run then hangs), and a SIGKILLed CLI
+leaves it running as an orphan. This one runs in its own session (a terminal's Ctrl-C does not
+reach it) and asks the kernel to SIGTERM it when its parent dies (``PR_SET_PDEATHSIG``), so it
+never outlives the command, however the command ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+from pathflow.errors import PathflowError
+
+_PR_SET_PDEATHSIG = 1
+_PROCS: list[subprocess.Popen] = []  # running servers of this process, for stop_all()
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the atexit and signal paths still stop it
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+    """Start ``uvicorn prefect.server.api.server:create_app`` on a free loopback port (SQLite in
+    PREFECT_HOME, as Prefect's ephemeral mode does); returns (process, api_url) once healthy."""
+    import httpx
+    import prefect
+
+    port = _free_port()
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
+         "--lifespan", "on"],
+        env=env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+    _PROCS.append(proc)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + timeout
+    with httpx.Client() as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                stop(proc)
+                raise PathflowError(f"the temporary Prefect server exited with code {proc.returncode}; "
+                                    "set PREFECT_API_URL to a running server instead")
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get(f"{url}/health", timeout=2).status_code == 200:
+                    return proc, url
+            time.sleep(0.1)
+    stop(proc)
+    raise PathflowError(f"the temporary Prefect server did not answer within {timeout:.0f} s; "
+                        "set PREFECT_API_URL to a running server instead")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc in _PROCS:
+        _PROCS.remove(proc)
+
+
+def stop_all() -> None:
+    """Stop every server this process started (used on a hard exit)."""
+    for proc in list(_PROCS):
+        with contextlib.suppress(Exception):
+            stop(proc)
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[str | None]:
+    """The API flows of this command report to: ``PREFECT_API_URL`` when set, else a temporary
+    server for the duration of the block. Yields the URL (None: the caller's own setting)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield None
+        return
+    proc, url = start_server()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            try:
+                yield url
+            finally:
+                _drain()  # send queued logs and events while the server still answers
+    finally:
+        stop(proc)
+
+
+def _drain(timeout: float = 5.0) -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            worker.drain_all(timeout=timeout)
