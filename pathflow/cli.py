@@ -303,8 +303,8 @@ def _preflight(cfg, resume: str | None = None):
     try:
         store = Store(cfg.store.url)
         store.check_writable()
-        run = store.run(resume or new_run_id())
-        if resume:
+        run = store.run(new_run_id() if resume is None else resume)
+        if resume is not None:
             check_resumable(run, cfg)
             holder = run.writer()
             if holder:
@@ -393,9 +393,9 @@ def run_cmd(config: Path | None = ConfigOpt, store: str | None = StoreOpt,
             resume: str | None = typer.Option(None, "--resume", help="finish run RUN_ID: recompute only what is "
                                               "missing")) -> None:
     """The full pipeline as a Prefect flow: every selected feature through every step."""
-    if resume:
+    if resume is not None:  # --resume "" is an invalid id, not a new run
         _check_run_id(resume)
-    cfg = _config_of_run(store, resume) if resume and config is None else _load(config, store)
+    cfg = _config_of_run(store, resume) if resume is not None and config is None else _load(config, store)
     run = _preflight(cfg, resume)
     from flows.pipeline import run_pipeline
     from flows.server import prefect_api
@@ -403,7 +403,7 @@ def run_cmd(config: Path | None = ConfigOpt, store: str | None = StoreOpt,
     err.print(styled("run ", (run.run_id, "bold"), f" in {run.store.url}"))
     try:
         with _interruptible(run), prefect_api(), _batch_progress(run):
-            result = run_pipeline(cfg, run_id=run.run_id, resume=bool(resume))
+            result = run_pipeline(cfg, run_id=run.run_id, resume=resume is not None)
     except PathflowError as e:
         _fail(str(e), 1)
     from .integrate import summary_rows

@@ -478,12 +478,79 @@ def iter_entries(path: Path, f: Findings) -> Iterator[tuple[int, Any]]:
             return
         i = -1
         try:
-            for i, entry in enumerate(ijson.items(fh, "item", use_float=True)):
+            for i, entry in enumerate(list_items(fh)):
+                if entry is TOO_DEEP:
+                    f.error("too_deep", f"record is nested more than {MAX_DEPTH} levels", path, i)
+                    continue
                 yield i, entry
         except UnicodeDecodeError as e:
             f.error("not_utf8", f"not UTF-8 after record {i} ({e.reason})", path, i + 1)
         except (ijson.JSONError, ValueError) as e:
             f.error("bad_json", f"not valid JSON after record {i}: {e}", path, i + 1)
+
+
+TOO_DEEP = object()  # what ``list_items`` yields for an item nested beyond MAX_DEPTH
+
+
+def list_items(fh, max_depth: int = MAX_DEPTH) -> Iterator[Any]:
+    """The items of a top-level JSON list, streamed, each built from ijson's prefix-free events.
+
+    ``ijson.items`` keeps the dotted path of every open level, so an item nested 100,000 deep
+    costs gigabytes; here an item deeper than ``max_depth`` is skipped (counted, never built) and
+    yielded as ``TOO_DEEP``, with memory bounded by ``max_depth``.
+    """
+    parsed = ijson.basic_parse(fh, use_float=True)
+
+    def events_():
+        yield from parsed
+        raise ValueError("the JSON ends inside a record")  # a truncated file, not StopIteration
+
+    events = events_()
+    first = next(events, None)
+    if first is None or first[0] != "start_array":
+        raise ValueError("the top level is not a JSON list")
+    for ev, val in events:
+        if ev == "end_array":
+            return
+        if ev not in ("start_map", "start_array"):
+            yield val
+            continue
+        stack: list = [{} if ev == "start_map" else []]
+        keys: list = [None]
+        while stack:
+            ev, val = next(events)
+            if ev in ("start_map", "start_array"):
+                if len(stack) >= max_depth:
+                    depth = 1
+                    while depth:  # skip the rest of this item without building it
+                        ev, _ = next(events)
+                        depth += ev in ("start_map", "start_array")
+                        depth -= ev in ("end_map", "end_array")
+                    depth = len(stack)
+                    while depth:
+                        ev, _ = next(events)
+                        depth += ev in ("start_map", "start_array")
+                        depth -= ev in ("end_map", "end_array")
+                    stack = []
+                    yield TOO_DEEP
+                    break
+                stack.append({} if ev == "start_map" else [])
+                keys.append(None)
+                continue
+            if ev == "map_key":
+                keys[-1] = val
+                continue
+            if ev in ("end_map", "end_array"):
+                val = stack.pop()
+                keys.pop()
+                if not stack:
+                    yield val
+                    break
+            parent = stack[-1]
+            if isinstance(parent, list):
+                parent.append(val)
+            else:
+                parent[keys[-1]] = val
 
 
 def normalise_trial(e: Any, file: str, idx: int, f: Findings) -> Trial | None:
