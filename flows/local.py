@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact
 
 from flows.common import auto_run_id, result_of, run_name
-from flows.pipeline import failure, start_or_resume, trace_pathways
+from flows.pipeline import mark_failed, start_or_resume, trace_pathways
 from pathflow.config import Config
 from pathflow.errors import quiet_user_errors
 from pathflow.provenance import provenance
@@ -50,7 +50,7 @@ def local_flow(config: Config | str, run_id: str | None = None, feature: str | N
             run.write_json("prototype/single_feature_test.json", proto)
         manifest = run.complete()
     except BaseException as e:
-        run.fail(failure(e))
+        mark_failed(run, e)
         raise
     finally:
         run.lease.release()

@@ -68,7 +68,7 @@ def run_steps(config: Config, run, trace) -> dict:
                                      tokens)
         manifest = run.complete()
     except BaseException as e:
-        run.fail(failure(e))
+        mark_failed(run, e)
         raise
     finally:
         run.lease.release()
@@ -77,11 +77,16 @@ def run_steps(config: Config, run, trace) -> dict:
             "records": records}
 
 
-def failure(e: BaseException) -> str:
-    """What a failed run's manifest says happened."""
-    if isinstance(e, KeyboardInterrupt):
-        return f"interrupted ({interrupt.reason() or 'SIGINT'}); resumable"
-    return f"{type(e).__name__}: {e}"
+def mark_failed(run, e: BaseException) -> None:
+    """Mark the run failed with what happened. A signal (KeyboardInterrupt, Prefect's
+    TerminationSignal — not Exceptions) also asks the batches still running in other threads to
+    stop, so the task runner's shutdown does not wait for them to finish."""
+    if not isinstance(e, Exception):
+        if not interrupt.requested():
+            interrupt.request("SIGTERM" if "Termination" in type(e).__name__ else "SIGINT")
+        run.fail(f"interrupted ({interrupt.reason()}); resumable")
+    else:
+        run.fail(f"{type(e).__name__}: {e}")
 
 
 def check_resumable(run, config: Config) -> dict:

@@ -350,9 +350,7 @@ def _interruptible(run):
         from flows.server import stop_all
         from storage.store import release_all
 
-        if run.exists():
-            run.fail(f"interrupted ({interrupt.reason()}); resumable")
-        release_all()
+        release_all(fail=f"interrupted ({interrupt.reason()}); resumable")
         stop_all()
         if not hint_printed[0]:
             err.print(styled(("interrupted", "bold red"), f" ({interrupt.reason()})" + _resume_hint(run)))
@@ -377,7 +375,10 @@ def _interruptible(run):
     try:
         yield
     except KeyboardInterrupt:
+        from storage.store import release_all
+
         hint_printed[0] = True
+        release_all(fail=f"interrupted ({interrupt.reason() or 'SIGINT'}); resumable")  # if the flow did not
         err.print(styled(("interrupted", "bold red"), f" ({interrupt.reason() or 'SIGINT'})" + _resume_hint(run)))
         raise typer.Exit(128 + (signal.SIGTERM if interrupt.reason() == "SIGTERM" else signal.SIGINT)) from None
     except PathflowError as e:

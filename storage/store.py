@@ -304,10 +304,13 @@ class Run:
 _ACTIVE: set = set()  # leases held by this process (a hard exit releases them)
 
 
-def release_all() -> None:
-    """Release every lease this process holds (a hard exit after an interrupt)."""
+def release_all(fail: str | None = None) -> None:
+    """Release every lease this process still holds — after an interrupt that did not unwind through
+    the flow — marking each such run failed with ``fail`` first (it is ours: nobody else writes it)."""
     for lease in list(_ACTIVE):
         try:
+            if fail:
+                lease.run.fail(fail)
             lease.release()
         except Exception as e:  # the store is unreachable: the lease expires by itself
             log.warning("lease of run %s not released: %s", lease.run.run_id, e)

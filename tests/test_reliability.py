@@ -51,19 +51,20 @@ def tree(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def complete_run(demo_cfg, tmp_path_factory):
-    """A complete `pathflow run` of the demo study (2 layers' targets) in its own store."""
-    from flows.pipeline import run_pipeline
-    from prefect.testing.utilities import prefect_test_harness
+def complete_run(demo_cfg, tmp_path_factory, prefect_api):
+    """A complete `pathflow run` of the demo study (targets of layers 1–2, at the second-to-last
+    token) in its own store."""
+    from .runs import pathflow
 
-    store = tmp_path_factory.mktemp("complete") / "store"
+    tmp = tmp_path_factory.mktemp("complete")
+    store = tmp / "store"
     cfg = demo_cfg.model_copy(deep=True)
-    cfg.store.url = str(store)
     cfg.selection.layers = [1, 2]
     cfg.gradients.position = -2
-    with prefect_test_harness(server_startup_timeout=120):
-        result = run_pipeline(cfg)
-    return store, store / "runs" / result["run_id"], cfg
+    r = pathflow(["run", "-c", str(_cfg_file(cfg, tmp)), "--store", str(store)], PREFECT_API_URL=prefect_api)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (run_dir,) = (store / "runs").iterdir()
+    return store, run_dir, cfg
 
 
 # -- silently wrong -------------------------------------------------------------------------------
