@@ -135,6 +135,8 @@ class TokensConfig(_Strict):
                                  ("risky_with_risky_patch", "risky_with_safe_patch")],
         description="(patched, baseline) condition pairs for the 'changes' view")
     alpha0: float = Field(100.0, gt=0, description="strength of the Dirichlet prior of the log-odds")
+    max_tokens: int = Field(512, ge=8, description="tokens of each logged response read for activation maxima "
+                            "(longer ones are cut; the prompts are read whole)")
 
 
 class StoreConfig(_Strict):

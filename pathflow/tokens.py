@@ -48,20 +48,37 @@ def writes(sae: SAE, feature: int, norm_weight, W_U, tokenizer, top: int = 10) -
 
 
 @torch.no_grad()
+def _budget_batches(lengths: list[int], batch_size: int, token_budget: int) -> list[tuple[int, int]]:
+    """(start, end) of consecutive batches of at most ``batch_size`` texts whose padded size
+    (rows × longest) stays within ``token_budget`` (a single longer text is a batch of its own)."""
+    out, start = [], 0
+    while start < len(lengths):
+        end, width = start + 1, lengths[start]
+        while end < len(lengths) and end - start < batch_size and (end - start + 1) * max(width, lengths[end]) \
+                <= token_budget:
+            width = max(width, lengths[end])
+            end += 1
+        out.append((start, end))
+        start = end
+    return out
+
+
 def activation_maxima(model, saes, tokenizer, texts: list[str], features: list[tuple[int, int]], top: int = 10,
-                      window: int = 6, batch_size: int = 8) -> dict[tuple[int, int], list[dict]]:
+                      window: int = 6, batch_size: int = 8, max_tokens: int | None = None,
+                      token_budget: int = 4096) -> dict[tuple[int, int], list[dict]]:
     """The ``top`` (text, position) pairs where each feature's activation is largest.
 
-    Texts are run in batches (right-padded, padding masked out); only the layers the features
-    live in are read. Returns {(layer, id): [{value, text, position, token, context}]}, best first.
+    Texts are run in batches (right-padded, padding masked out) of at most ``token_budget`` padded
+    tokens, each text cut to ``max_tokens``, so memory is bounded whatever the texts; only the layers
+    the features live in are read. Returns {(layer, id): [{value, text, position, token, context}]}.
     """
     from .model import resid_hooks, run_masked
 
     layers = sorted({l for l, _ in features})
     best: dict[tuple[int, int], list[tuple[float, int, int]]] = {f: [] for f in features}
-    enc = [tokenizer(t).input_ids for t in texts]
-    for start in range(0, len(enc), batch_size):
-        chunk = enc[start : start + batch_size]
+    enc = [tokenizer(t).input_ids[:max_tokens] for t in texts]
+    for start, end in _budget_batches([len(x) for x in enc], batch_size, token_budget):
+        chunk = enc[start:end]
         width = max(len(x) for x in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
         mask = torch.zeros_like(ids)

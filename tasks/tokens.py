@@ -38,8 +38,10 @@ def token_associations(cfg: Config, store_url: str, run_id: str, features: list[
             by_cond = logged.get(name, {})
             pool = [t for texts in by_cond.values() for t in texts]
             sample = random.Random(name).sample(pool, min(tc.responses, len(pool)))
-            texts = prompts + sample
-            reads = activation_maxima(ctx.model, ctx.saes, ctx.tokenizer, texts, [key], tc.top, tc.window)[key]
+            texts = prompts + [t[: 8 * tc.max_tokens] for t in sample]  # characters: bounded before tokenizing
+            longest_prompt = max(int(ids.shape[1]) for ids in ctx.prompt_ids.values())
+            reads = activation_maxima(ctx.model, ctx.saes, ctx.tokenizer, texts, [key], tc.top, tc.window,
+                                      max_tokens=max(tc.max_tokens, longest_prompt))[key]
             for r in reads:
                 r["source"] = "prompt" if r["text"] < len(prompts) else "response"
             views = {

@@ -572,3 +572,22 @@ def test_interrupts_end_the_run_promptly_as_resumable(how, demo_dir, tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
         assert json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_token_reads_are_bounded_whatever_the_texts(ctx):
+    from pathflow.tokens import _budget_batches, activation_maxima
+
+    assert _budget_batches([10, 10, 10, 10], 8, 30) == [(0, 3), (3, 4)]
+    assert _budget_batches([5, 5000, 5, 5], 8, 4096) == [(0, 1), (1, 2), (2, 4)]  # a long text alone
+    for spans in (_budget_batches([3, 900, 40, 40, 2, 700], 3, 1000),):
+        assert spans[0][0] == 0 and spans[-1][1] == 6 and all(a < b for a, b in spans)
+        assert all((b - a) * max([3, 900, 40, 40, 2, 700][a:b]) <= 1000 or b - a == 1 for a, b in spans)
+    long_text = "Balance $20. You lost. " * 800  # thousands of tokens: once 18 GB in the tokens step
+    feats = [(1, i) for i in range(16)]
+    got = activation_maxima(ctx.model, ctx.saes, ctx.tokenizer, [long_text, "Bet $10"], feats, top=3, max_tokens=64)
+    assert all(h["position"] < 64 for hits in got.values() for h in hits)
+    ref = activation_maxima(ctx.model, ctx.saes, ctx.tokenizer, [long_text, "Bet $10"], feats, top=3, max_tokens=64,
+                            batch_size=1)
+    for f in feats:  # batching by budget changes nothing (up to float rounding under padding)
+        assert [(h["text"], h["position"]) for h in got[f]] == [(h["text"], h["position"]) for h in ref[f]]
+        assert [h["value"] for h in got[f]] == pytest.approx([h["value"] for h in ref[f]], rel=1e-4, abs=1e-5)
