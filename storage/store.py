@@ -368,6 +368,16 @@ class Lease:
                 return False
             raise
 
+    def _write(self, data: bytes) -> None:
+        """Overwrite our lease atomically (a reader never sees a torn file and takes it for stale)."""
+        if self.run.store.is_local:
+            tmp = f"{self.path}.tmp-{secrets.token_hex(4)}"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, self.path)
+        else:
+            self.run.fs.pipe_file(self.path, data)  # a PUT is all-or-nothing
+
     def holder(self) -> dict | None:
         try:
             self.run.fs.invalidate_cache(self.path)
@@ -421,7 +431,7 @@ class Lease:
                     self.on_lost()
                 return
             try:
-                self.run.fs.pipe_file(self.path, self._body())
+                self._write(self._body())
             except Exception as e:  # a transient store error: the next renewal tries again
                 log.warning("run %s: lease not renewed: %s", self.run.run_id, e)
 
