@@ -106,10 +106,10 @@ def start_or_resume(config: Config, run_id: str, resume: bool, kind: str, **extr
     """Check everything that can be checked before work (``preflight``), take the run's lease (one
     writer at a time), then start a new run or reopen an unfinished one. The returned run carries
     its lease (``run.lease``); ``run_steps`` releases it."""
-    positions = preflight(config)
     store = Store(config.store.url)
+    run = store.run(run_id)  # a run id that could leave the store is refused here, before anything
     store.check_writable()
-    run = store.run(run_id)
+    positions = preflight(config)
     if resume:
         check_resumable(run, config)
     elif run.exists():
