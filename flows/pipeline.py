@@ -40,10 +40,25 @@ def trace_pathways(config: Config, store_url: str, run_id: str, targets: list[di
         return merge_pathways(config, store_url, run_id, [done[b.name] for b in batches])
 
 
-def audit_and_select(config: Config, run_id: str, run) -> tuple[dict, list[dict]]:
-    """Steps 1–2: the audited study and the targets to trace (each with its row ``index``)."""
+def audit_errors(report: dict) -> str:
+    """What a run says when the study audit found errors (they are in audit/data_validation.json)."""
+    first = report["errors"][0]
+    where = f" ({first['file']}" + (f", record {first['record']}" if first.get("record") is not None else "") + ")" \
+        if first.get("file") else ""
+    return (f"the study audit found {len(report['errors'])} errors, first {first['code']}: {first['message']}{where}; "
+            "fix them (`pathflow audit` lists them all) or allow them (--allow-audit-errors, or the flow parameter "
+            "allow_audit_errors=true)")
+
+
+def audit_and_select(config: Config, run_id: str, run, allow_audit_errors: bool = False) -> tuple[dict, list[dict]]:
+    """Steps 1–2: the audited study and the targets to trace (each with its row ``index``). A study
+    whose audit found errors stops the run unless ``allow_audit_errors``."""
     logger = get_run_logger()
     audited = audit_study(config, config.store.url, run_id)
+    if audited["report"]["errors"]:
+        if not allow_audit_errors:
+            raise PathflowError(audit_errors(audited["report"]))
+        logger.warning("going on despite %d study audit errors (allow_audit_errors)", len(audited["report"]["errors"]))
     selected = select_features(config, config.store.url, run_id, audited)["selected"]
     skipped = [s["feature"] for s in selected if s["layer"] == 0]
     if skipped:
@@ -56,12 +71,12 @@ def audit_and_select(config: Config, run_id: str, run) -> tuple[dict, list[dict]
     return audited, targets
 
 
-def run_steps(config: Config, run, trace) -> dict:
+def run_steps(config: Config, run, trace, allow_audit_errors: bool = False) -> dict:
     """Steps 1–5 of a started run around ``trace(targets) -> validated`` (step 3), then the run marked
     complete; any error marks it failed (what it wrote stays, for a resume) and is raised again.
     The run's lease is released either way."""
     try:
-        audited, targets = audit_and_select(config, run.run_id, run)
+        audited, targets = audit_and_select(config, run.run_id, run, allow_audit_errors)
         validated = trace(targets)
         tokens = token_associations(config, config.store.url, run.run_id, targets)
         records = integrate_features(config, config.store.url, run.run_id, targets, audited["features"], validated,
@@ -132,7 +147,8 @@ def start_or_resume(config: Config, run_id: str, resume: bool, kind: str, **extr
 
 
 @flow(name="pathflow-run", flow_run_name=run_name("run"), log_prints=True)
-def pipeline_flow(config: Config | str, run_id: str | None = None, resume: bool = False) -> dict:
+def pipeline_flow(config: Config | str, run_id: str | None = None, resume: bool = False,
+                  allow_audit_errors: bool = False) -> dict:
     """Audit → select → Jacobians → top-k → replay (mapped over batches) → tokens → integrate.
 
     ``config``: the config, or the path of its YAML file on the worker (``PATHFLOW_STORE`` there
@@ -145,10 +161,13 @@ def pipeline_flow(config: Config | str, run_id: str | None = None, resume: bool 
     run_id = run_id or auto_run_id()
     store_url = config.store.url
     run = start_or_resume(config, run_id, resume, "pipeline")
-    return run_steps(config, run, lambda targets: trace_pathways(config, store_url, run_id, targets))
+    return run_steps(config, run, lambda targets: trace_pathways(config, store_url, run_id, targets),
+                     allow_audit_errors)
 
 
-def run_pipeline(config: Config, run_id: str | None = None, resume: bool = False) -> dict:
+def run_pipeline(config: Config, run_id: str | None = None, resume: bool = False,
+                 allow_audit_errors: bool = False) -> dict:
     """Run the flow; a failed run raises PathflowError with the failure's message."""
-    state = pipeline_flow(config=config, run_id=run_id or new_run_id(), resume=resume, return_state=True)
+    state = pipeline_flow(config=config, run_id=run_id or new_run_id(), resume=resume,
+                          allow_audit_errors=allow_audit_errors, return_state=True)
     return result_of(state)

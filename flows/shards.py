@@ -129,7 +129,8 @@ def run_shards(config: Config, run_id: str, n_shards: int, deployment: str, retr
 @flow(name="pathflow-sharded", flow_run_name=run_name("sharded"), log_prints=True)
 def sharded_flow(config: Config | str, shards: int = 2, shard_deployment: str = "pathflow-shard/pathways-shard-process",
                  run_id: str | None = None, resume: bool = False, shard_retries: int = 1,
-                 shard_job_variables: dict | None = None, poll_seconds: float = 5.0) -> dict:
+                 shard_job_variables: dict | None = None, poll_seconds: float = 5.0,
+                 allow_audit_errors: bool = False) -> dict:
     """The pipeline with its pathway batches spread over ``shards`` child runs of ``shard_deployment``.
 
     ``config``: the config, or the path of its YAML file on the worker (``PATHFLOW_STORE`` there
@@ -160,5 +161,5 @@ def sharded_flow(config: Config | str, shards: int = 2, shard_deployment: str = 
             run.update(shard_runs={str(s): o for s, o in sorted(outcome.items())})
             return merge_pathways(config, store_url, run_id, [read_batch(run, b.name) for b in batches])
 
-    result = run_steps(config, run, trace)
+    result = run_steps(config, run, trace, allow_audit_errors)
     return {**result, "shards": len(run.manifest()["shard_runs"])}  # fewer than asked when batches are few

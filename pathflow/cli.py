@@ -70,8 +70,18 @@ def _load(config: Path | None, store: str | None):
         _fail(str(e))
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        console.print(f"pathflow {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show debug logs")) -> None:
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show debug logs"),
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
     VERBOSE[0] = verbose
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -392,19 +402,23 @@ def _interruptible(run):
 @app.command("run")
 def run_cmd(config: Path | None = ConfigOpt, store: str | None = StoreOpt,
             resume: str | None = typer.Option(None, "--resume", help="finish run RUN_ID: recompute only what is "
-                                              "missing")) -> None:
+                                              "missing"),
+            allow_audit_errors: bool = typer.Option(False, "--allow-audit-errors",
+                                                    help="run even when the study audit finds errors")) -> None:
     """The full pipeline as a Prefect flow: every selected feature through every step."""
     if resume is not None:  # --resume "" is an invalid id, not a new run
         _check_run_id(resume)
     cfg = _config_of_run(store, resume) if resume is not None and config is None else _load(config, store)
     run = _preflight(cfg, resume)
+    _check_audit(cfg, allow_audit_errors)
     from flows.pipeline import run_pipeline
     from flows.server import prefect_api
 
     err.print(styled("run ", (run.run_id, "bold"), f" in {run.store.url}"))
     try:
         with _interruptible(run), prefect_api(), _batch_progress(run):
-            result = run_pipeline(cfg, run_id=run.run_id, resume=resume is not None)
+            result = run_pipeline(cfg, run_id=run.run_id, resume=resume is not None,
+                                  allow_audit_errors=allow_audit_errors)
     except PathflowError as e:
         _fail(str(e), 1)
     from .integrate import summary_rows
@@ -418,6 +432,21 @@ def run_cmd(config: Path | None = ConfigOpt, store: str | None = StoreOpt,
                     ("feature", "direction", "prompt", "n_validated", "sign_agreement", "spearman", "top_upstream")])
     console.print(t)
     _print_done(result)
+
+
+def _check_audit(cfg, allow: bool) -> None:
+    """A study whose audit finds errors stops `pathflow run` before a server starts (the flow checks
+    again, for deployments), unless allowed."""
+    from flows.pipeline import audit_errors
+
+    try:
+        report, _ = _audit_with_progress(cfg)
+    except PathflowError as e:
+        _fail(str(e))
+    if report["errors"] and not allow:
+        _fail(audit_errors(report), 1)
+    if report["errors"]:
+        err.print(styled(("warning", "yellow"), f": going on despite {len(report['errors'])} study audit errors"))
 
 
 def _check_run_id(run_id: str) -> str:

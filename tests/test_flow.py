@@ -174,3 +174,19 @@ def test_store_on_s3_with_resume_and_verify(demo_cfg, tmp_path, prefect_api, s3)
     listed = pathflow(["runs", "list", "--store", url], **s3)
     assert run_id[:10] in listed.stdout
     assert "testing" not in json.dumps(m)  # no credentials in the manifest
+
+
+def test_a_deployment_run_stops_on_audit_errors(harness, demo_cfg, tmp_path):
+    """The flow itself refuses a study with audit errors (a deployment has no CLI to check first)."""
+    from flows.pipeline import pipeline_flow
+
+    bad = tmp_path / "more"
+    bad.mkdir()
+    (bad / "checkpoint_x.json").write_text('{"results": ["not a result"]}')
+    cfg = config(demo_cfg, tmp_path / "store")
+    cfg.study.checkpoints = [*cfg.study.checkpoints, str(bad)]
+    state = pipeline_flow(config=cfg, run_id="audited", return_state=True)
+    assert state.is_failed() and "study audit found 1 errors" in state.message
+    m = json.loads((tmp_path / "store/runs/audited/manifest.json").read_text())
+    assert m["status"] == "failed" and "allow_audit_errors" in m["error"]
+    assert not (tmp_path / "store/runs/audited/pathways").exists()  # nothing computed

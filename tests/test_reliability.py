@@ -591,3 +591,30 @@ def test_token_reads_are_bounded_whatever_the_texts(ctx):
     for f in feats:  # batching by budget changes nothing (up to float rounding under padding)
         assert [(h["text"], h["position"]) for h in got[f]] == [(h["text"], h["position"]) for h in ref[f]]
         assert [h["value"] for h in got[f]] == pytest.approx([h["value"] for h in ref[f]], rel=1e-4, abs=1e-5)
+
+
+def test_run_stops_on_audit_errors_unless_allowed(demo_cfg, tmp_path, prefect_api, capsys):
+    from .runs import pathflow
+
+    bad = tmp_path / "more-checkpoints"
+    bad.mkdir()
+    (bad / "checkpoint_broken.json").write_text('{"results": [{"feature": "L2-7", "layer": 2}]}')
+    cfg = demo_cfg.model_copy(deep=True)
+    cfg.study.checkpoints = [*cfg.study.checkpoints, str(bad)]
+    path = _cfg_file(cfg, tmp_path)
+    store = tmp_path / "store"
+    code, out = call(["run", "-c", path, "--store", store], capsys)
+    one_line_error(code, out, "the study audit found 1 errors", "checkpoint_broken.json", "--allow-audit-errors")
+    assert code == 1 and not store.exists()  # stopped before any run folder or server
+    r = pathflow(["run", "-c", str(path), "--store", str(store), "--allow-audit-errors"], PREFECT_API_URL=prefect_api)
+    assert r.returncode == 0 and "going on despite 1 study audit errors" in r.stderr, r.stdout + r.stderr
+    (run_dir,) = (store / "runs").iterdir()
+    report = json.loads((run_dir / "audit/data_validation.json").read_text())
+    assert [e["code"] for e in report["errors"]] == ["unknown_schema"]
+
+
+def test_version(capsys):
+    from pathflow import __version__
+
+    code, out = call(["--version"], capsys)
+    assert code == 0 and out.strip() == f"pathflow {__version__}"
