@@ -27,7 +27,7 @@ app = typer.Typer(help="pathflow: find and validate the pathways to causal SAE f
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console(markup=False, highlight=False)
 err = Console(stderr=True, markup=False, highlight=False)
-VERBOSE = [False]
+VERBOSE = [0]
 
 
 def styled(*parts) -> Text:
@@ -78,13 +78,64 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+OWN_LOGGERS = ("pathflow", "flows", "tasks", "storage")
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")  # what pathflow's tasks say through get_run_logger
+
+
+class _Terminal(logging.Filter):
+    """Which log records reach the terminal: warnings and errors (without tracebacks unless -v);
+    with -v also pathflow's own debug logs and its tasks' messages; with -vv everything."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        level = VERBOSE[0]
+        if level < 1 and record.exc_info:
+            record.exc_info, record.exc_text = None, None  # the one clean error line says it
+        if level < 1 and record.name in RUN_LOGGERS and record.levelno >= logging.ERROR:
+            return False  # a run's failure is the command's own one error line
+        if level >= 2 or record.levelno >= logging.WARNING:
+            return True
+        if level == 1:
+            return record.name.split(".")[0] in OWN_LOGGERS or (record.name in RUN_LOGGERS and
+                                                                  not record.getMessage().startswith("Finished in"))
+        return False
+
+
+def _setup_logging(verbose: int) -> None:
+    from rich.logging import RichHandler
+
+    root = logging.getLogger()
+    # ours from an earlier call, and Prefect's terminal handler (importing prefect installs it on the
+    # root logger; it would print every state line and every traceback a second time)
+    for h in [h for h in root.handlers if getattr(h, "_pathflow", False) or type(h).__name__ ==
+              "PrefectConsoleHandler"]:
+        root.removeHandler(h)
+    # a Rich handler on the same console as the progress bars: log lines print above them, not into them
+    handler = RichHandler(console=err, show_time=False, show_path=verbose >= 2, markup=False,
+                          rich_tracebacks=False, level=logging.DEBUG)
+    handler._pathflow = True
+    handler.addFilter(_Terminal())
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    for name in ("uvicorn", "fastapi"):
+        lg = logging.getLogger(name)
+        for h in [h for h in lg.handlers if type(h).__name__ == "PrefectConsoleHandler"]:
+            lg.removeHandler(h)
+
+
+def _prefect_imported() -> None:
+    """Call once flows (and so prefect) are imported: take the terminal back from Prefect's handler."""
+    _setup_logging(VERBOSE[0])
+
+
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show debug logs"),
+def _main(verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                      help="-v: pathflow's debug logs and its tasks' messages; -vv: every library's"),
           version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="print the version and exit")) -> None:
     VERBOSE[0] = verbose
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging(verbose)
     # a GPU node or laptop may have no internet: no telemetry attempts, no download bars in our output
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -133,6 +184,8 @@ def local(
     run.kind = "local"  # not resumable: a failed prototype is simply run again
     from flows.local import run_local
     from flows.server import prefect_api
+
+    _prefect_imported()
 
     try:
         with _interruptible(run), prefect_api(), console.status(
@@ -414,6 +467,7 @@ def run_cmd(config: Path | None = ConfigOpt, store: str | None = StoreOpt,
     from flows.pipeline import run_pipeline
     from flows.server import prefect_api
 
+    _prefect_imported()
     err.print(styled("run ", (run.run_id, "bold"), f" in {run.store.url}"))
     try:
         with _interruptible(run), prefect_api(), _batch_progress(run):
