@@ -37,6 +37,12 @@ def styled(*parts) -> Text:
 DEFAULT_DEMO_DIR = "pathflow-demo"
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: the demo bundle's)")
+JsonOpt = typer.Option(False, "--json", help="print JSON (for scripts) instead of tables")
+
+
+def _print_json(obj) -> None:
+    """JSON on stdout, plain (no Rich wrapping or colour), so that it always parses."""
+    sys.stdout.write(json.dumps(obj, indent=2, default=str, allow_nan=False) + "\n")
 StoreOpt = typer.Option(None, "--store", help="artifact store URL; overrides store.url and $PATHFLOW_STORE")
 
 
@@ -270,7 +276,8 @@ def _print_audit(report: dict) -> None:
 
 @app.command("audit")
 def audit_cmd(config: Path | None = ConfigOpt,
-              out: Path | None = typer.Option(None, "--out", "-o", help="write the JSON report here")) -> None:
+              out: Path | None = typer.Option(None, "--out", "-o", help="write the JSON report here"),
+              as_json: bool = JsonOpt) -> None:
     """Step 0: read every study file, check and count it.
 
     Exit 0 validated (warnings allowed), 1 errors found, 2 usage error (missing file, bad config).
@@ -281,9 +288,13 @@ def audit_cmd(config: Path | None = ConfigOpt,
         report, _ = _audit_with_progress(cfg)
     except PathflowError as e:
         _fail(str(e), 2)
-    _print_audit(report)
     if out:
         _write_json(out, report)
+    if as_json:
+        _print_json(report)
+        raise typer.Exit(0 if report["validated"] else 1)
+    _print_audit(report)
+    if out:
         console.print(f"report: {out}")
     console.print(styled(("validated", "green")) if report["validated"] else
                   styled(("not validated", "red"), ": fix the errors above"))
@@ -296,7 +307,7 @@ def select_cmd(config: Path | None = ConfigOpt,
                layer: list[int] | None = typer.Option(None, "--layer", help="only these layers (repeatable)"),
                direction: str | None = typer.Option(None, "--direction", help="safe or risky"),
                top: int | None = typer.Option(None, "--top", help="top N per layer (selection.top_per_layer)"),
-               ) -> None:
+               as_json: bool = JsonOpt) -> None:
     """Step 1: the causal features, top-N per layer by |cohen_d| (effect size where cohen_d is absent)."""
     from pydantic import ValidationError
 
@@ -315,6 +326,12 @@ def select_cmd(config: Path | None = ConfigOpt,
     except PathflowError as e:
         _fail(str(e), 2)
     selected = select(features, cfg)
+    body = {"selection": cfg.selection.model_dump(), "n_selected": len(selected), "features": selected}
+    if out:
+        _write_json(out, body)
+    if as_json:
+        _print_json({**body, "audit_errors": len(report["errors"])})
+        return
     t = Table(title=f"selected features ({len(selected)})")
     for col in ("feature", "direction", "rank_key", "rank_value", "rank"):
         t.add_column(col)
@@ -326,7 +343,6 @@ def select_cmd(config: Path | None = ConfigOpt,
         console.print(styled((f"the study audit found {len(report['errors'])} errors; run `pathflow audit`",
                               "yellow")))
     if out:
-        _write_json(out, {"selection": cfg.selection.model_dump(), "n_selected": len(selected), "features": selected})
         console.print(f"written: {out}")
 
 
@@ -565,7 +581,7 @@ class _batch_progress:
         self.bar.stop()
 
 
-runs_app = typer.Typer(help="the runs in a store: list, show, verify, diff", no_args_is_help=True)
+runs_app = typer.Typer(help="the runs in a store: list, show, verify, diff, rm", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 
 
@@ -598,9 +614,10 @@ def _manifest(run) -> dict:
 
 
 @runs_app.command("list")
-def runs_list(store: str | None = StoreOpt) -> None:
+def runs_list(store: str | None = StoreOpt, as_json: bool = JsonOpt) -> None:
     """Every run in the store, newest last."""
     s = _store(store)
+    rows = []
     t = Table(title=f"runs in {s.url}")
     t.add_column("run", no_wrap=True, min_width=22)
     for col in ("status", "kind", "created", "outputs", "config"):
@@ -613,18 +630,28 @@ def runs_list(store: str | None = StoreOpt) -> None:
         try:
             m = s.run(rid).manifest()
         except (PathflowError, OSError) as e:
+            rows.append({"run_id": rid, "status": "unreadable", "error": str(e)})
             t.add_row(rid, Text("unreadable", style="red"), "", "", "", str(e)[:60])
             continue
+        rows.append({"run_id": rid, "status": m.get("status"), "kind": m.get("kind"), "created": m.get("created"),
+                     "outputs": len(m.get("outputs") or {}), "config_hash": m.get("config_hash"),
+                     "error": m.get("error")})
         t.add_row(rid, str(m.get("status", "?")), str(m.get("kind", "")),
                   str(m.get("created", "")).replace("+00:00", "Z"), str(len(m.get("outputs", {}))),
                   str(m.get("config_hash", ""))[:8])
+    if as_json:
+        _print_json({"store": s.url, "runs": rows})
+        return
     console.print(t)
 
 
 @runs_app.command("show")
-def runs_show(run_id: str, store: str | None = StoreOpt) -> None:
+def runs_show(run_id: str, store: str | None = StoreOpt, as_json: bool = JsonOpt) -> None:
     """A run's manifest: status, versions, inputs, steps, outputs."""
     m = _manifest(_run_or_fail(store, run_id))
+    if as_json:
+        _print_json(m)
+        return
     model, sae = m.get("model") or {}, m.get("sae") or {}
     console.print(styled((run_id, "bold"), f" {m['status']}  created {m.get('created')}  pathflow "
                          f"{m.get('pathflow_version')}  commit {m.get('git_commit') or '–'}  config "
@@ -641,6 +668,31 @@ def runs_show(run_id: str, store: str | None = StoreOpt) -> None:
     console.print(t)
     console.print(f"{len(m.get('outputs') or {})} outputs with sha256" + (f"; error: {m['error']}" if m.get("error")
                                                                            else ""))
+
+
+@runs_app.command("rm")
+def runs_rm(run_ids: list[str] = typer.Argument(..., help="runs to delete (failed or interrupted ones only)"),
+            store: str | None = StoreOpt,
+            yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation")) -> None:
+    """Delete failed or interrupted runs. A complete run is never deleted, nor one being written."""
+    runs = [_run_or_fail(store, rid) for rid in run_ids]
+    for run in runs:
+        status = _manifest(run).get("status")
+        if status == "complete":
+            _fail(f"run {run.run_id} is complete; a complete run is never deleted")
+        if run.writer():
+            _fail(f"run {run.run_id} is being written by another process; stop it first")
+    if not yes:
+        if not sys.stdin.isatty():
+            _fail("pass --yes to delete without a prompt")
+        if not typer.confirm(f"delete {len(runs)} run folder(s): {', '.join(r.run_id for r in runs)}?"):
+            raise typer.Exit(1)
+    for run in runs:
+        try:
+            n = run.remove()
+        except PathflowError as e:
+            _fail(str(e), 1)
+        console.print(styled("removed ", (run.run_id, "bold"), f" ({n} files)"))
 
 
 @runs_app.command("verify")
@@ -681,37 +733,62 @@ def _flat(d, prefix=""):
 
 
 @runs_app.command("diff")
-def runs_diff(run_a: str, run_b: str, store: str | None = StoreOpt) -> None:
-    """Config and result differences between two runs."""
+def runs_diff(run_a: str, run_b: str, store: str | None = StoreOpt, as_json: bool = JsonOpt) -> None:
+    """Config and result differences between two runs. Results are compared as results: run ids,
+    graph slugs, timings, hosts and other bookkeeping are ignored, floats to 1e-5. Exit 0 when the
+    results are the same, 1 when they differ."""
+    from storage.diff import result_differences
+
     a, b = _run_or_fail(store, run_a), _run_or_fail(store, run_b)
     ma, mb = _manifest(a), _manifest(b)
     ca, cb = _flat(ma.get("config") or {}), _flat(mb.get("config") or {})
-    t = Table(title="config")
-    for col in ("key", run_a, run_b):
-        t.add_column(col)
-    for k in sorted(set(ca) | set(cb)):
-        if ca.get(k) != cb.get(k):
-            t.add_row(k, json.dumps(ca.get(k)), json.dumps(cb.get(k)))
-    console.print(t if t.row_count else "config: identical")
-    oa, ob = ma.get("outputs") or {}, mb.get("outputs") or {}
-    differ = sorted(k for k in set(oa) | set(ob) if oa.get(k) != ob.get(k))
-    console.print(f"outputs: {len(differ)} of {len(set(oa) | set(ob))} differ" + (": " + ", ".join(differ[:12])
-                                                                                  if differ else ""))
+    config = {k: [ca.get(k), cb.get(k)] for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)}
+    results = result_differences(a, b)
+    pathways = []
     try:
         va = a.read_json("pathways/validated_pathways.json")["targets"]
         vb = b.read_json("pathways/validated_pathways.json")["targets"]
     except Exception:
-        return
-    t = Table(title="pathways")
-    for col in ("feature", "prompt", f"top-5 {run_a}", f"top-5 {run_b}"):
-        t.add_column(col)
+        va = vb = {}
     for feat in sorted(set(va) | set(vb)):
         for prompt in sorted(set(va.get(feat, {})) | set(vb.get(feat, {}))):
             ta = [c["feature"] for c in va.get(feat, {}).get(prompt, {}).get("candidates", [])[:5]]
             tb = [c["feature"] for c in vb.get(feat, {}).get(prompt, {}).get("candidates", [])[:5]]
             if ta != tb:
-                t.add_row(feat, prompt, " ".join(ta) or "–", " ".join(tb) or "–")
-    console.print(t if t.row_count else "pathways: the same top candidates")
+                pathways.append({"feature": feat, "prompt": prompt, "top5_a": ta, "top5_b": tb})
+    same = not (results["differ"] or results["only_in_a"] or results["only_in_b"])
+    if as_json:
+        _print_json({"a": run_a, "b": run_b, "config": config, "results": results, "pathways": pathways,
+                     "same_results": same})
+        raise typer.Exit(0 if same else 1)
+    t = Table(title="config")
+    for col in ("key", run_a, run_b):
+        t.add_column(col)
+    for k, (x, y) in config.items():
+        t.add_row(k, json.dumps(x), json.dumps(y))
+    console.print(t if t.row_count else "config: identical")
+    if same:
+        console.print(styled(("results: identical", "green"), f" ({results['compared']} files compared; run ids, "
+                             "timings and other bookkeeping ignored)"))
+    else:
+        t = Table(title=f"results: {len(results['differ'])} of {results['compared']} files differ")
+        for col in ("file", "first difference"):
+            t.add_column(col)
+        for d in results["differ"][:40]:
+            t.add_row(d["file"], d["where"])
+        for rel in results["only_in_a"][:10]:
+            t.add_row(rel, f"only in {run_a}")
+        for rel in results["only_in_b"][:10]:
+            t.add_row(rel, f"only in {run_b}")
+        console.print(t)
+    if pathways:
+        t = Table(title="pathways")
+        for col in ("feature", "prompt", f"top-5 {run_a}", f"top-5 {run_b}"):
+            t.add_column(col)
+        for p in pathways:
+            t.add_row(p["feature"], p["prompt"], " ".join(p["top5_a"]) or "–", " ".join(p["top5_b"]) or "–")
+        console.print(t)
+    raise typer.Exit(0 if same else 1)
 
 
 def main() -> None:

@@ -288,6 +288,22 @@ class Run:
             log.info("run %s is complete; not marked failed", self.run_id)
 
     # -- the lease: one writer at a time -------------------------------------------------------
+    def remove(self) -> int:
+        """Delete this run's folder — only a run that is not complete and that nobody is writing
+        (its lease is taken for the deletion, so no resume can start meanwhile). Returns the number
+        of files removed."""
+        m = self.manifest()
+        if m.get("status") == "complete":
+            raise RunComplete(f"run {self.run_id} is complete; a complete run is never deleted")
+        lease = self.acquire(note="remove")
+        try:
+            files = len(self.files())
+            self.fs.rm(self.path, recursive=True)
+        finally:
+            lease._stop.set()
+            _ACTIVE.discard(lease)
+        return files
+
     def writer(self) -> dict | None:
         """The live lease holder of this run ({host, pid, expires, …}), or None when nobody writes it."""
         lease = Lease(self)
