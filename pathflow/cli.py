@@ -38,6 +38,52 @@ DEFAULT_DEMO_DIR = "pathflow-demo"
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: the demo bundle's)")
 JsonOpt = typer.Option(False, "--json", help="print JSON (for scripts) instead of tables")
+# the selection flags `select`, `local` and `run` share (each overrides its selection.* key)
+FeaturesOpt = typer.Option(None, "--feature", "-f", help="only this feature, L{layer}-{id} (repeatable)")
+LayersOpt = typer.Option(None, "--layer", help="only these layers (repeatable; selection.layers)")
+DirectionOpt = typer.Option(None, "--direction", help="safe or risky (selection.direction)")
+TopOpt = typer.Option(None, "--top", help="top N per layer (selection.top_per_layer)")
+
+
+def _apply_selection(cfg, features=None, layers=None, direction=None, top=None) -> None:
+    """Put the selection flags into the config, validated like the config file (before any work)."""
+    from pydantic import ValidationError
+
+    try:
+        for key, value in (("features", features or None), ("layers", layers or None), ("direction", direction),
+                           ("top_per_layer", top)):
+            if value is not None:
+                setattr(cfg.selection, key, value)
+    except ValidationError as e:
+        flag = {"features": "--feature", "layers": "--layer", "top_per_layer": "--top"}.get(
+            str(e.errors()[0]["loc"][0]), "--direction")
+        _fail(f"{flag}: {e.errors()[0]['msg'].removeprefix('Value error, ')}")
+
+
+def _study_checked(cfg, allow_audit_errors: bool) -> list[dict]:
+    """Audit and select before any server starts: audit errors stop the command unless allowed,
+    requested features must be in the study, and something above layer 0 must be selected.
+    Returns the selection."""
+    from flows.pipeline import audit_errors
+
+    from .study import missing_features, select
+
+    try:
+        report, features = _audit_with_progress(cfg)
+    except PathflowError as e:
+        _fail(str(e))
+    if report["errors"] and not allow_audit_errors:
+        _fail(audit_errors(report), 1)
+    if report["errors"]:
+        err.print(styled(("warning", "yellow"), f": going on despite {len(report['errors'])} study audit errors"))
+    problem = missing_features(features, cfg.selection.features or [], report["ranges"])
+    if problem:
+        _fail(f"--feature {problem}")
+    selected = select(features, cfg)
+    if not any(s["layer"] > 0 for s in selected):
+        _fail("nothing to trace: no selected feature above layer 0 (check --feature/--layer/--direction and "
+              "`pathflow select`)")
+    return selected
 
 
 def _print_json(obj) -> None:
@@ -176,7 +222,8 @@ def demo(directory: Path = typer.Argument(Path(DEFAULT_DEMO_DIR), help="where to
 @app.command()
 def local(
     feature: str | None = typer.Option(None, "--feature", "-f", help="feature to trace, L{layer}-{id} "
-                                          "(default: the top-ranked causal feature)"),
+                                          "(default: the top-ranked causal feature of the selection)"),
+    layer: list[int] | None = LayersOpt, direction: str | None = DirectionOpt, top: int | None = TopOpt,
     config: Path | None = ConfigOpt,
     store: str | None = StoreOpt,
 ) -> None:
@@ -186,7 +233,9 @@ def local(
     if feature is not None and parse_feature(feature) is None:
         _fail(f"--feature {feature!r} is not of the form L{{layer}}-{{id}}, e.g. L3-142")
     cfg = _load(config, store)
+    _apply_selection(cfg, [feature] if feature else None, layer, direction, top)
     run = _preflight(cfg)
+    _study_checked(cfg, allow_audit_errors=True)  # a prototype runs on a study with findings, with a warning
     run.kind = "local"  # not resumable: a failed prototype is simply run again
     from flows.local import run_local
     from flows.server import prefect_api
@@ -304,27 +353,21 @@ def audit_cmd(config: Path | None = ConfigOpt,
 @app.command("select")
 def select_cmd(config: Path | None = ConfigOpt,
                out: Path | None = typer.Option(None, "--out", "-o", help="write causal_features.json here"),
-               layer: list[int] | None = typer.Option(None, "--layer", help="only these layers (repeatable)"),
-               direction: str | None = typer.Option(None, "--direction", help="safe or risky"),
-               top: int | None = typer.Option(None, "--top", help="top N per layer (selection.top_per_layer)"),
-               as_json: bool = JsonOpt) -> None:
+               feature: list[str] | None = FeaturesOpt, layer: list[int] | None = LayersOpt,
+               direction: str | None = DirectionOpt, top: int | None = TopOpt, as_json: bool = JsonOpt) -> None:
     """Step 1: the causal features, top-N per layer by |cohen_d| (effect size where cohen_d is absent)."""
-    from pydantic import ValidationError
-
-    from .study import select
+    from .study import missing_features, select
 
     cfg = _load(config, None)
     _check_out(out)
-    try:
-        for key, value in (("layers", layer or None), ("direction", direction), ("top_per_layer", top)):
-            if value is not None:
-                setattr(cfg.selection, key, value)
-    except ValidationError as e:
-        _fail(f"invalid option: {e.errors()[0]['msg']}")
+    _apply_selection(cfg, feature, layer, direction, top)
     try:
         report, features = _audit_with_progress(cfg)
     except PathflowError as e:
         _fail(str(e), 2)
+    problem = missing_features(features, cfg.selection.features or [], report["ranges"])
+    if problem:
+        _fail(f"--feature {problem}")
     selected = select(features, cfg)
     body = {"selection": cfg.selection.model_dump(), "n_selected": len(selected), "features": selected}
     if out:
@@ -473,13 +516,18 @@ def run_cmd(config: Path | None = ConfigOpt, store: str | None = StoreOpt,
             resume: str | None = typer.Option(None, "--resume", help="finish run RUN_ID: recompute only what is "
                                               "missing"),
             allow_audit_errors: bool = typer.Option(False, "--allow-audit-errors",
-                                                    help="run even when the study audit finds errors")) -> None:
+                                                    help="run even when the study audit finds errors"),
+            feature: list[str] | None = FeaturesOpt, layer: list[int] | None = LayersOpt,
+            direction: str | None = DirectionOpt, top: int | None = TopOpt) -> None:
     """The full pipeline as a Prefect flow: every selected feature through every step."""
     if resume is not None:  # --resume "" is an invalid id, not a new run
         _check_run_id(resume)
+        if feature or layer or direction or top:
+            _fail("--resume finishes a run with its own selection: drop --feature/--layer/--direction/--top")
     cfg = _config_of_run(store, resume) if resume is not None and config is None else _load(config, store)
+    _apply_selection(cfg, feature, layer, direction, top)
     run = _preflight(cfg, resume)
-    _check_audit(cfg, allow_audit_errors)
+    _study_checked(cfg, allow_audit_errors)
     from flows.pipeline import run_pipeline
     from flows.server import prefect_api
 
@@ -502,21 +550,6 @@ def run_cmd(config: Path | None = ConfigOpt, store: str | None = StoreOpt,
                     ("feature", "direction", "prompt", "n_validated", "sign_agreement", "spearman", "top_upstream")])
     console.print(t)
     _print_done(result)
-
-
-def _check_audit(cfg, allow: bool) -> None:
-    """A study whose audit finds errors stops `pathflow run` before a server starts (the flow checks
-    again, for deployments), unless allowed."""
-    from flows.pipeline import audit_errors
-
-    try:
-        report, _ = _audit_with_progress(cfg)
-    except PathflowError as e:
-        _fail(str(e))
-    if report["errors"] and not allow:
-        _fail(audit_errors(report), 1)
-    if report["errors"]:
-        err.print(styled(("warning", "yellow"), f": going on despite {len(report['errors'])} study audit errors"))
 
 
 def _check_run_id(run_id: str) -> str:

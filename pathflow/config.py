@@ -43,6 +43,7 @@ class _Strict(BaseModel):
 
 
 DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+FEATURE_NAME_RE = re.compile(r"L\d+-\d+")
 
 
 class StudyConfig(_Strict):
@@ -101,6 +102,16 @@ class SelectionConfig(_Strict):
     direction: Literal["safe", "risky"] | None = None
     include: list[str] = Field(default_factory=list, description="features always selected (L{n}-{id})")
     exclude: list[str] = Field(default_factory=list, description="features never selected")
+    features: list[str] | None = Field(None, description="trace only these features (L{n}-{id}), whatever their "
+                                       "rank; each must be in the study's results")
+
+    @field_validator("include", "exclude", "features")
+    @classmethod
+    def _feature_names(cls, v):
+        bad = [f for f in v or [] if not FEATURE_NAME_RE.fullmatch(f)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a feature name of the form L{{layer}}-{{id}}, e.g. L3-142")
+        return v
 
 
 class GradientsConfig(_Strict):

@@ -217,10 +217,10 @@ def select(features: dict[str, FeatureResult], cfg: Config, include: list[str] =
     ``rank`` is always the feature's rank among its layer's candidates.
     """
     sel = cfg.selection
-    include = set(include) | set(sel.include)
+    include = set(include) | set(sel.include) | set(sel.features or ())
     by_layer: dict[int, list[tuple[float, str, FeatureResult]]] = defaultdict(list)
     for r in features.values():
-        if r.feature in sel.exclude:
+        if r.feature in sel.exclude or (sel.features is not None and r.feature not in sel.features):
             continue
         forced = r.feature in include
         if not forced and (not r.is_causal or (sel.layers is not None and r.layer not in sel.layers)
@@ -241,6 +241,25 @@ def select(features: dict[str, FeatureResult], cfg: Config, include: list[str] =
                         "reason": "requested" if r.feature in include else f"top {sel.top_per_layer} in layer",
                         "source_file": r.source_file})
     return out
+
+
+def missing_features(features: dict[str, FeatureResult], names: list[str], ranges: dict | None = None) -> str | None:
+    """A one-line error for requested feature names that are beyond the model or its SAEs (with the
+    audit's ``ranges``) or that the study has no result for; else None."""
+    for name in names:
+        layer, fid = parse_feature(name) or (None, None)
+        if layer is None:
+            return f"{name!r} is not of the form L{{layer}}-{{id}}, e.g. L3-142"
+        if ranges and ranges.get("n_layers") is not None and layer >= ranges["n_layers"]:
+            return f"{name}: layer {layer} is beyond the model (layers 0..{ranges['n_layers'] - 1})"
+        if ranges and ranges.get("d_sae") is not None and fid >= ranges["d_sae"]:
+            return f"{name}: id {fid} ≥ d_sae = {ranges['d_sae']}"
+    missing = [n for n in names if n not in features]
+    if not missing:
+        return None
+    causal = sorted((k for k, v in features.items() if v.is_causal), key=lambda k: parse_feature(k))
+    return (f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not in the study's results; its causal "
+            f"features include: {', '.join(causal[:12]) or 'none'}")
 
 
 def load_prompts(path: str | None) -> dict[str, str]:

@@ -8,7 +8,7 @@ from prefect.cache_policies import NONE
 
 from pathflow.config import Config
 from pathflow.errors import PathflowError
-from pathflow.study import audit, parse_feature, select
+from pathflow.study import audit, missing_features, select
 
 from .common import open_run, step
 
@@ -46,20 +46,10 @@ def select_features(cfg: Config, store_url: str, run_id: str, audited: dict, fea
         run.write_json("features/causal_features.json", {"selection": cfg.selection.model_dump(),
                                                           "n_selected": len(selected), "features": selected})
         if feature:
-            if parse_feature(feature) is None:
-                raise PathflowError(f"--feature {feature!r} is not of the form L{{layer}}-{{id}}, e.g. L3-142")
-            ranges = audited["report"]["ranges"]
-            layer, fid = parse_feature(feature)
-            if ranges["n_layers"] is not None and layer >= ranges["n_layers"]:
-                raise PathflowError(f"--feature {feature}: layer {layer} is beyond the model "
-                                    f"(layers 0..{ranges['n_layers'] - 1})")
-            if ranges["d_sae"] is not None and fid >= ranges["d_sae"]:
-                raise PathflowError(f"--feature {feature}: id {fid} ≥ d_sae = {ranges['d_sae']}")
-            chosen = next((s for s in selected if s["feature"] == feature), None)
-            if chosen is None:
-                causal = [k for k, v in features.items() if v.is_causal]
-                raise PathflowError(f"--feature {feature} is not in the study's results; its causal features "
-                                    f"include: {', '.join(sorted(causal)[:12])}")
+            problem = missing_features(features, [feature], audited["report"]["ranges"])
+            if problem:
+                raise PathflowError(f"--feature {problem}")
+            chosen = next(s for s in selected if s["feature"] == feature)
         else:
             eligible = [s for s in selected if s["layer"] > 0]  # layer 0 has no upstream SAE features
             if not eligible:

@@ -75,3 +75,33 @@ def test_rm_deletes_failed_runs_only(store):
     r = pathflow(["runs", "rm", failed, "--yes", "--store", str(s)])
     assert r.returncode == 0 and f"removed {failed}" in r.stdout, r.stderr
     assert sorted(p.name for p in (s / "runs").iterdir()) == sorted(runs["complete"])
+
+
+def test_selection_flags_are_shared_and_checked_before_any_server(demo_dir, tmp_path, prefect_api):
+    cfg = str(demo_dir / "config.yaml")
+    store = tmp_path / "store"
+    for args, needle in ((["--feature", "L2-15l"], "is not a feature name"), (["--feature", "L9-1"], "beyond the model"),
+                         (["--feature", "L2-4"], "not in the study's results"), (["--direction", "bold"], "--direction"),
+                         (["--top", "0"], "--top"), (["--layer", "0"], "nothing to trace")):
+        for cmd in ("run", "local", "select"):
+            if cmd == "local" and args[0] == "--feature" and args[1] == "L2-15l":
+                needle_here = "L{layer}-{id}"
+            else:
+                needle_here = needle
+            if cmd == "select" and needle == "nothing to trace":
+                continue  # select shows an empty selection; only the commands that trace refuse it
+            r = pathflow([cmd, "-c", cfg, "--store", str(store), *args] if cmd != "select" else
+                         [cmd, "-c", cfg, *args], PREFECT_API_URL="http://127.0.0.1:9/api")  # no server needed
+            assert r.returncode == 2 and needle_here in r.stderr, (cmd, args, r.stderr)
+            assert "Traceback" not in r.stderr and r.stderr.count("error:") == 1
+    assert not store.exists()
+    sel = js(["select", "-c", cfg, "--feature", "L2-151", "--feature", "L3-56"])
+    assert [f["feature"] for f in sel["features"]] == ["L2-151", "L3-56"]
+    r = pathflow(["run", "-c", cfg, "--store", str(store), "--feature", "L2-151", "--feature", "L3-56"],
+                 PREFECT_API_URL=prefect_api)
+    assert r.returncode == 0, r.stderr
+    (run_dir,) = (store / "runs").iterdir()
+    traced = json.loads((run_dir / "features/causal_features.json").read_text())["features"]
+    assert [f["feature"] for f in traced] == ["L2-151", "L3-56"]
+    r = pathflow(["run", "--resume", run_dir.name, "--store", str(store), "--layer", "1"])
+    assert r.returncode == 2 and "own selection" in r.stderr
