@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_link_artifact
 
 from flows.common import auto_run_id, result_of, run_name
 from flows.pipeline import mark_failed, start_or_resume, trace_pathways
@@ -13,7 +12,7 @@ from pathflow.config import Config
 from pathflow.errors import quiet_user_errors
 from pathflow.provenance import provenance
 from storage.store import new_run_id
-from tasks.common import step
+from tasks.common import run_folder_artifact, step
 from tasks.integrate import integrate_features
 from tasks.study import audit_study, select_features
 from tasks.tokens import token_associations
@@ -54,7 +53,7 @@ def local_flow(config: Config | str, run_id: str | None = None, feature: str | N
         raise
     finally:
         run.lease.release()
-    create_link_artifact(key="pathflow-run-folder", link=run.url, description=f"run folder of {run_id}")
+    run_folder_artifact(run, manifest["status"])
     return {"run_id": run_id, "run_url": run.url, "status": manifest["status"], "target": target,
             "record": records[0], "seconds": proto["seconds"]}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prefect import flow, get_run_logger, unmapped
-from prefect.artifacts import create_link_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
 from flows.common import auto_run_id, result_of, run_name
@@ -14,7 +14,7 @@ from pathflow.pathways import plan_batches
 from pathflow.preflight import preflight
 from pathflow.provenance import provenance
 from storage.store import Run, Store, git_commit, new_run_id, redact
-from tasks.common import open_run, step
+from tasks.common import open_run, run_folder_artifact, step
 from tasks.integrate import integrate_features
 from tasks.pathways import batch_pathways, merge_pathways, prepare_jacobians, write_plan
 from tasks.study import audit_study, select_features
@@ -87,7 +87,7 @@ def run_steps(config: Config, run, trace, allow_audit_errors: bool = False) -> d
         raise
     finally:
         run.lease.release()
-    create_link_artifact(key="pathflow-run-folder", link=run.url, description=f"run folder of {run.run_id}")
+    run_folder_artifact(run, manifest["status"])
     return {"run_id": run.run_id, "run_url": run.url, "status": manifest["status"], "n_targets": len(targets),
             "records": records}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 
@@ -11,6 +12,34 @@ from storage.store import Run, Store
 
 def open_run(store_url: str, run_id: str) -> Run:
     return Store(store_url).run(run_id)
+
+
+def browse_url(run: Run) -> str | None:
+    """A web page showing the run folder, where the store has one (AWS S3, Google Cloud Storage)."""
+    if run.store.is_local or os.environ.get("AWS_ENDPOINT_URL"):
+        return None  # a local path or a private S3-compatible server: no page to link
+    bucket, _, prefix = run.path.partition("/")
+    proto = run.fs.protocol if isinstance(run.fs.protocol, str) else run.fs.protocol[0]
+    if proto in ("s3", "s3a"):
+        return f"https://s3.console.aws.amazon.com/s3/buckets/{bucket}?prefix={prefix}/"
+    if proto in ("gs", "gcs"):
+        return f"https://console.cloud.google.com/storage/browser/{bucket}/{prefix}"
+    return None
+
+
+def run_folder_artifact(run: Run, status: str) -> None:
+    """The ``pathflow-run-folder`` markdown artifact: where the run, its report and summary are, and how
+    to check it (a local path cannot be a link in the UI; an object store's console page can)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    page = browse_url(run)
+    lines = [f"### pathflow run `{run.run_id}`: {status}", "", "| what | where |", "|---|---|",
+             f"| run folder | `{run.url}`" + (f" ([open]({page}))" if page else "") + " |",
+             f"| report | `{run.url}/integrated/report.html` |",
+             f"| summary table | `{run.url}/integrated/summary.csv` |", "",
+             f"Check every output against the manifest: `pathflow runs verify {run.run_id} --store {run.store.url}`"]
+    create_markdown_artifact(key="pathflow-run-folder", markdown="\n".join(lines),
+                             description=f"where run {run.run_id} is")
 
 
 @contextmanager

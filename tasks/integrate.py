@@ -14,6 +14,15 @@ from pathflow.tokens import token_text
 
 from .common import open_run, step
 
+TABLE_ROWS = 50  # the UI's table stays readable; integrated/summary.csv has every row
+TABLE_COLUMNS = ("feature", "direction", "prompt", "n_validated", "n_candidates", "sign_agreement", "spearman",
+                 "top_upstream")
+
+
+def table_rows(rows: list[dict], limit: int) -> list[dict]:
+    """Summary rows for a Prefect table artifact: the columns that fit a screen, numbers to 3 digits."""
+    return [{k: round(r[k], 3) if isinstance(r[k], float) else r[k] for k in TABLE_COLUMNS} for r in rows[:limit]]
+
 
 @task(name="integrate", task_run_name="integrate", cache_policy=NONE)
 def integrate_features(cfg: Config, store_url: str, run_id: str, targets: list[dict], study: dict,
@@ -35,6 +44,8 @@ def integrate_features(cfg: Config, store_url: str, run_id: str, targets: list[d
                 graph = attribution_graph(r, prompt, toks, cfg.model.name_or_path.rstrip("/").rsplit("/", 1)[-1],
                                           run_id)
                 run.write_json(f"integrated/graphs/{r['feature']}_{prompt}.json", graph)
-    create_table_artifact(key="pathflow-pathways", table=rows, description=f"pathways of run {run_id}")
+    create_table_artifact(key="pathflow-pathways", table=table_rows(rows, TABLE_ROWS),
+                          description=f"pathways of run {run_id}" + (f": the first {TABLE_ROWS} of {len(rows)} rows; "
+                          "all of them in integrated/summary.csv" if len(rows) > TABLE_ROWS else ""))
     create_markdown_artifact(key="pathflow-report", markdown=md, description=f"report of run {run_id}")
     return records

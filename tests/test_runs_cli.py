@@ -80,9 +80,10 @@ def test_rm_deletes_failed_runs_only(store):
 def test_selection_flags_are_shared_and_checked_before_any_server(demo_dir, tmp_path, prefect_api):
     cfg = str(demo_dir / "config.yaml")
     store = tmp_path / "store"
-    for args, needle in ((["--feature", "L2-15l"], "is not a feature name"), (["--feature", "L9-1"], "beyond the model"),
-                         (["--feature", "L2-4"], "not in the study's results"), (["--direction", "bold"], "--direction"),
-                         (["--top", "0"], "--top"), (["--layer", "0"], "nothing to trace")):
+    cases = ((["--feature", "L2-15l"], "is not a feature name"), (["--feature", "L9-1"], "beyond the model"),
+             (["--feature", "L2-4"], "not in the study's results"), (["--direction", "bold"], "--direction"),
+             (["--top", "0"], "--top"), (["--layer", "0"], "nothing to trace"))
+    for args, needle in cases:
         for cmd in ("run", "local", "select"):
             if cmd == "local" and args[0] == "--feature" and args[1] == "L2-15l":
                 needle_here = "L{layer}-{id}"
@@ -105,3 +106,15 @@ def test_selection_flags_are_shared_and_checked_before_any_server(demo_dir, tmp_
     assert [f["feature"] for f in traced] == ["L2-151", "L3-56"]
     r = pathflow(["run", "--resume", run_dir.name, "--store", str(store), "--layer", "1"])
     assert r.returncode == 2 and "own selection" in r.stderr
+
+
+def test_run_folder_artifact_links_only_where_a_page_exists(monkeypatch, tmp_path):
+    from storage.store import Store
+    from tasks.common import browse_url
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    assert browse_url(Store(str(tmp_path)).run("r1")) is None  # a local path: no page in the UI can open it
+    assert browse_url(Store("s3://bucket/study").run("r1")) == \
+        "https://s3.console.aws.amazon.com/s3/buckets/bucket?prefix=study/runs/r1/"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    assert browse_url(Store("s3://bucket/study").run("r1")) is None  # a private S3-compatible server
