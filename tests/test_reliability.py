@@ -258,7 +258,7 @@ def test_concurrent_resume_is_refused_and_cannot_fail_a_complete_run(demo_cfg, t
     path = write_cfg(demo_cfg, tmp_path, batch_size=1)
     store = tmp_path / "store"
     first = run_cli(["run", "-c", str(path), "--store", str(store)], PREFECT_API_URL=prefect_api,
-                    PATHFLOW_BATCH_DELAY_S="1.0")
+                    PATHFLOW_BATCH_DELAY_S="4.0")  # still writing when the second command checks
     deadline = time.time() + 120
     while time.time() < deadline and not list(store.glob("runs/*/lease.json")):
         time.sleep(0.1)
