@@ -840,6 +840,12 @@ def main() -> None:
             import traceback
 
             traceback.print_exc()
-        err.print(styled(("error: ", "bold red"), f"unexpected {type(e).__name__}: {e}",
-                         ("  (a bug in pathflow: run again with -v for the traceback and report it)", "dim")))
+        name = type(e).__name__
+        if isinstance(e, OSError) or any(w in name for w in ("Connection", "Endpoint", "Timeout", "Credentials")):
+            # the environment, not pathflow: an unreachable store, missing credentials, a full disk
+            err.print(styled(("error: ", "bold red"), f"{name}: {e}",
+                             ("  (check the store URL, credentials and network; -v shows the traceback)", "dim")))
+        else:
+            err.print(styled(("error: ", "bold red"), f"unexpected {name}: {e}",
+                             ("  (a bug in pathflow: run again with -v for the traceback and report it)", "dim")))
         sys.exit(1)

@@ -618,3 +618,13 @@ def test_version(capsys):
 
     code, out = call(["--version"], capsys)
     assert code == 0 and out.strip() == f"pathflow {__version__}"
+
+
+def test_an_unreachable_store_is_one_line_naming_the_environment(tmp_path):
+    from .runs import pathflow
+
+    r = pathflow(["runs", "list", "--store", "s3://bucket/x"], AWS_ENDPOINT_URL="http://127.0.0.1:9",
+                 AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y", AWS_MAX_ATTEMPTS="1", COLUMNS="300")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert "127.0.0.1:9" in line and "check the store URL" in line and "bug" not in line
