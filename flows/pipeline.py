@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.exceptions import TerminationSignal
 from prefect.futures import as_completed
 
 from flows.common import auto_run_id, result_of, run_name
@@ -13,6 +14,7 @@ from pathflow.errors import PathflowError, quiet_user_errors
 from pathflow.pathways import plan_batches
 from pathflow.preflight import preflight
 from pathflow.provenance import provenance
+from pathflow.study import audit_errors
 from storage.store import Run, Store, git_commit, new_run_id, redact
 from tasks.common import open_run, run_folder_artifact, step
 from tasks.integrate import integrate_features
@@ -38,16 +40,6 @@ def trace_pathways(config: Config, store_url: str, run_id: str, targets: list[di
             done[r["marker"]["batch"]] = r
             update_progress_artifact(progress, 100.0 * len(done) / len(batches))
         return merge_pathways(config, store_url, run_id, [done[b.name] for b in batches])
-
-
-def audit_errors(report: dict) -> str:
-    """What a run says when the study audit found errors (they are in audit/data_validation.json)."""
-    first = report["errors"][0]
-    where = f" ({first['file']}" + (f", record {first['record']}" if first.get("record") is not None else "") + ")" \
-        if first.get("file") else ""
-    return (f"the study audit found {len(report['errors'])} errors, first {first['code']}: {first['message']}{where}; "
-            "fix them (`pathflow audit` lists them all) or allow them (--allow-audit-errors, or the flow parameter "
-            "allow_audit_errors=true)")
 
 
 def audit_and_select(config: Config, run_id: str, run, allow_audit_errors: bool = False) -> tuple[dict, list[dict]]:
@@ -98,7 +90,7 @@ def mark_failed(run, e: BaseException) -> None:
     stop, so the task runner's shutdown does not wait for them to finish."""
     if not isinstance(e, Exception):
         if not interrupt.requested():
-            interrupt.request("SIGTERM" if "Termination" in type(e).__name__ else "SIGINT")
+            interrupt.request("SIGTERM" if isinstance(e, TerminationSignal) else "SIGINT")
         run.fail(f"interrupted ({interrupt.reason()}); resumable")
     else:
         run.fail(f"{type(e).__name__}: {e}")

@@ -64,9 +64,7 @@ def _study_checked(cfg, allow_audit_errors: bool) -> list[dict]:
     """Audit and select before any server starts: audit errors stop the command unless allowed,
     requested features must be in the study, and something above layer 0 must be selected.
     Returns the selection."""
-    from flows.pipeline import audit_errors
-
-    from .study import missing_features, select
+    from .study import audit_errors, missing_features, select
 
     try:
         report, features = _audit_with_progress(cfg)
@@ -236,14 +234,13 @@ def local(
     _apply_selection(cfg, [feature] if feature else None, layer, direction, top)
     run = _preflight(cfg)
     _study_checked(cfg, allow_audit_errors=True)  # a prototype runs on a study with findings, with a warning
-    run.kind = "local"  # not resumable: a failed prototype is simply run again
     from flows.local import run_local
     from flows.server import prefect_api
 
     _prefect_imported()
 
     try:
-        with _interruptible(run), prefect_api(), console.status(
+        with _interruptible(run, resumable=False), prefect_api(), console.status(
                 "running pathflow-local (audit → select → jacobians → top-k → replay → tokens → integrate)…"):
             result = run_local(cfg, feature=feature, run_id=run.run_id)
     except PathflowError as e:
@@ -401,10 +398,10 @@ def _check_out(out: Path | None) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    """Atomic: a crash never leaves a half-written report where an old one was."""
+    """Atomic: a crash never leaves a half-written report where an old one was. (The commands check
+    ``path`` with ``_check_out`` before any work.)"""
     import secrets
 
-    _check_out(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(4)}")
@@ -439,9 +436,7 @@ def _preflight(cfg, resume: str | None = None):
 
 
 def _resume_hint(run) -> str:
-    """How to finish ``run``: only for a pipeline run that exists and is not complete."""
-    if getattr(run, "kind", "pipeline") != "pipeline":
-        return ""
+    """How to finish ``run``: only for a run that exists and is not complete."""
     try:
         if run.exists() and run.manifest().get("status") != "complete":
             return f"\nthe run folder {run.url} can be resumed: pathflow run --resume {run.run_id}" + (
@@ -456,26 +451,36 @@ def _grace_seconds() -> float:
 
 
 @contextmanager
-def _interruptible(run):
+def _interruptible(run, resumable: bool = True):
     """Ctrl-C and SIGTERM end the run promptly as resumable: the first signal asks the work to stop
     (batches stop between sub-batches, the flow marks the run failed and releases its lease);
     if that has not finished after PATHFLOW_INTERRUPT_GRACE_S seconds, or at a second signal, the
-    run is marked and the process exits at once. Either way the temporary server is stopped and
-    the resume command printed."""
+    run is marked and the process exits at once. Either way the temporary server is stopped and,
+    for a ``resumable`` run, the resume command printed."""
+    from storage.store import release_all
+
     from . import interrupt
 
     interrupt.clear()
     done = threading.Event()
-    hint_printed = [False]
+    said = threading.Lock()
+
+    def hint() -> str:
+        return _resume_hint(run) if resumable else ""
+
+    def stopped() -> None:
+        """Leases the flow did not release (it did not unwind) are released with the run marked;
+        the interruption is said once, whichever path gets here first."""
+        if said.acquire(blocking=False):
+            reason = interrupt.reason() or "SIGINT"
+            release_all(fail=f"interrupted ({reason}); resumable")
+            err.print(styled(("interrupted", "bold red"), f" ({reason})" + hint()))
 
     def hard_exit(code: int) -> None:
         from flows.server import stop_all
-        from storage.store import release_all
 
-        release_all(fail=f"interrupted ({interrupt.reason()}); resumable")
+        stopped()
         stop_all()
-        if not hint_printed[0]:
-            err.print(styled(("interrupted", "bold red"), f" ({interrupt.reason()})" + _resume_hint(run)))
         os._exit(code)
 
     def handler(signum, _frame):
@@ -497,14 +502,10 @@ def _interruptible(run):
     try:
         yield
     except KeyboardInterrupt:
-        from storage.store import release_all
-
-        hint_printed[0] = True
-        release_all(fail=f"interrupted ({interrupt.reason() or 'SIGINT'}); resumable")  # if the flow did not
-        err.print(styled(("interrupted", "bold red"), f" ({interrupt.reason() or 'SIGINT'})" + _resume_hint(run)))
+        stopped()
         raise typer.Exit(128 + (signal.SIGTERM if interrupt.reason() == "SIGTERM" else signal.SIGINT)) from None
     except PathflowError as e:
-        raise PathflowError(f"{e}{_resume_hint(run)}") from None
+        raise PathflowError(f"{e}{hint()}") from None
     finally:
         done.set()
         for s, h in old.items():

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import PathflowError
-from .locations import check_store_url
+from .locations import check_store_url, redact
 
 REAL_CONDITIONS = [
     "safe_baseline",
@@ -178,8 +178,6 @@ class Config(_Strict):
 
 
 def _describe(err: ValidationError, source: str) -> str:
-    from .locations import redact
-
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])

@@ -97,6 +97,15 @@ def enclosing_run(path: str, fs=None) -> str | None:
     return None
 
 
+def nearest_folder(path: str | os.PathLike) -> Path | None:
+    """The folder ``path`` would be created in (its nearest existing ancestor) when that is a folder
+    this process can write into, else None."""
+    probe = Path(path)
+    while not probe.exists():
+        probe = probe.parent
+    return probe if probe.is_dir() and os.access(probe, os.W_OK | os.X_OK) else None
+
+
 def check_out_path(path: str | os.PathLike) -> Path:
     """An output file a command may write: its folder exists or can be made and written, it is not
     a folder, and it is not inside a run folder (runs are written only by their own run)."""
@@ -107,11 +116,8 @@ def check_out_path(path: str | os.PathLike) -> Path:
     inside = enclosing_run(str(absolute))
     if inside:
         raise PathflowError(f"--out {p} is inside the run folder {inside}; runs are never changed: write elsewhere")
-    probe = absolute.parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise PathflowError(f"--out {p}: {probe} is not a writable folder")
+    if nearest_folder(absolute.parent) is None:
+        raise PathflowError(f"--out {p}: {absolute.parent} is not a writable folder")
     if absolute.exists() and not os.access(absolute, os.W_OK):
         raise PathflowError(f"--out {p} exists and cannot be written")
     return p

@@ -521,17 +521,11 @@ def list_items(fh, max_depth: int = MAX_DEPTH) -> Iterator[Any]:
             ev, val = next(events)
             if ev in ("start_map", "start_array"):
                 if len(stack) >= max_depth:
-                    depth = 1
-                    while depth:  # skip the rest of this item without building it
-                        ev, _ = next(events)
-                        depth += ev in ("start_map", "start_array")
-                        depth -= ev in ("end_map", "end_array")
-                    depth = len(stack)
+                    depth = len(stack) + 1  # the open levels: skip to the item's end without building it
                     while depth:
                         ev, _ = next(events)
                         depth += ev in ("start_map", "start_array")
                         depth -= ev in ("end_map", "end_array")
-                    stack = []
                     yield TOO_DEEP
                     break
                 stack.append({} if ev == "start_map" else [])

@@ -243,6 +243,16 @@ def select(features: dict[str, FeatureResult], cfg: Config, include: list[str] =
     return out
 
 
+def audit_errors(report: dict) -> str:
+    """What a run says when the study audit found errors (they are in audit/data_validation.json)."""
+    first = report["errors"][0]
+    where = f" ({first['file']}" + (f", record {first['record']}" if first.get("record") is not None else "") + ")" \
+        if first.get("file") else ""
+    return (f"the study audit found {len(report['errors'])} errors, first {first['code']}: {first['message']}{where}; "
+            "fix them (`pathflow audit` lists them all) or allow them (--allow-audit-errors, or the flow parameter "
+            "allow_audit_errors=true)")
+
+
 def missing_features(features: dict[str, FeatureResult], names: list[str], ranges: dict | None = None) -> str | None:
     """A one-line error for requested feature names that are beyond the model or its SAEs (with the
     audit's ``ranges``) or that the study has no result for; else None."""

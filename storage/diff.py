@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import posixpath
 from typing import Any
 
 from .store import Run
@@ -62,11 +61,6 @@ def first_difference(a: Any, b: Any, path: str = "") -> str | None:
     return None if a == b else (path or "(value)")
 
 
-def _read(run: Run, rel: str) -> bytes:
-    with run.fs.open(posixpath.join(run.path, rel), "rb") as fh:
-        return fh.read()
-
-
 def result_differences(a: Run, b: Run) -> dict:
     """{"compared": n, "differ": [{"file", "where"}], "only_in_a": [...], "only_in_b": [...]}"""
     ids = (a.run_id, b.run_id)
@@ -76,13 +70,13 @@ def result_differences(a: Run, b: Run) -> dict:
     for rel in sorted(fa & fb):
         if rel.endswith(".json"):
             try:
-                x, y = (_normal(json.loads(_read(r, rel)), ids) for r in (a, b))
+                x, y = (_normal(json.loads(r.read_bytes(rel)), ids) for r in (a, b))
             except ValueError:
-                where = None if _read(a, rel) == _read(b, rel) else "(not JSON; bytes differ)"
+                where = None if a.read_bytes(rel) == b.read_bytes(rel) else "(not JSON; bytes differ)"
             else:
                 where = first_difference(x, y)
         elif rel.endswith(TEXT):
-            x, y = (_normal(_read(r, rel).decode("utf-8", "replace"), ids) for r in (a, b))
+            x, y = (_normal(r.read_bytes(rel).decode("utf-8", "replace"), ids) for r in (a, b))
             where = None if x == y else "(text)"
         else:
             where = None if a.sha256(rel) == b.sha256(rel) else "(bytes)"

@@ -34,7 +34,15 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from pathflow.errors import PathflowError
-from pathflow.locations import RUN_ID_RE, StoreError, check_run_id, check_store_url, enclosing_run, redact
+from pathflow.locations import (
+    RUN_ID_RE,
+    StoreError,
+    check_run_id,
+    check_store_url,
+    enclosing_run,
+    nearest_folder,
+    redact,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +120,8 @@ class Store:
         """A local store's folder can be created and written (a one-line error, before any work)."""
         if not self.is_local:
             return
-        probe = Path(self.root)
-        while not probe.exists():
-            probe = probe.parent
-        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-            raise StoreError(f"store {self.root} cannot be written ({probe} is not a writable folder)")
+        if nearest_folder(self.root) is None:
+            raise StoreError(f"store {self.root} cannot be written (it is not in a writable folder)")
 
     def run_ids(self) -> list[str]:
         """The run folders' names (entries that are not valid run ids are skipped)."""
@@ -191,9 +196,12 @@ class Run:
     def write_text(self, rel: str, text: str) -> str:
         return self.write_bytes(rel, text.encode())
 
-    def read_json(self, rel: str) -> Any:
+    def read_bytes(self, rel: str) -> bytes:
         with self.fs.open(self._abs(rel), "rb") as fh:
-            return json.loads(fh.read())
+            return fh.read()
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
 
     def zarr_store(self, rel: str):
         """A Zarr v3 store for ``rel`` inside the run folder."""
@@ -300,8 +308,7 @@ class Run:
             files = len(self.files())
             self.fs.rm(self.path, recursive=True)
         finally:
-            lease._stop.set()
-            _ACTIVE.discard(lease)
+            lease.release()  # its file went with the folder: this stops the renewals
         return files
 
     def writer(self) -> dict | None:

@@ -32,6 +32,8 @@ def token_associations(cfg: Config, store_url: str, run_id: str, features: list[
         norm_w, W_U = unembed(ctx.model)
         logged = collect_responses(cfg, {f["feature"] for f in features})
         prompts = list(ctx.prompts.values())
+        # responses are cut to tokens.max_tokens; the prompts are read whole
+        max_tokens = max([tc.max_tokens] + [int(ids.shape[1]) for ids in ctx.prompt_ids.values()])
         out = {}
         for f in features:
             name, key = f["feature"], (f["layer"], f["feature_id"])
@@ -39,9 +41,8 @@ def token_associations(cfg: Config, store_url: str, run_id: str, features: list[
             pool = [t for texts in by_cond.values() for t in texts]
             sample = random.Random(name).sample(pool, min(tc.responses, len(pool)))
             texts = prompts + [t[: 8 * tc.max_tokens] for t in sample]  # characters: bounded before tokenizing
-            longest_prompt = max(int(ids.shape[1]) for ids in ctx.prompt_ids.values())
             reads = activation_maxima(ctx.model, ctx.saes, ctx.tokenizer, texts, [key], tc.top, tc.window,
-                                      max_tokens=max(tc.max_tokens, longest_prompt))[key]
+                                      max_tokens=max_tokens)[key]
             for r in reads:
                 r["source"] = "prompt" if r["text"] < len(prompts) else "response"
             views = {
