@@ -150,6 +150,31 @@ class TokensConfig(_Strict):
                             "(longer ones are cut; the prompts are read whole)")
 
 
+NEURONPEDIA_LLAMASCOPE = "https://www.neuronpedia.org/llama3.1-8b/{layer}-llamascope-res-32k/{feature_id}"
+
+
+class ReportConfig(_Strict):
+    neuronpedia_url: str | None = Field(
+        NEURONPEDIA_LLAMASCOPE, description="link from each feature's page to its page on Neuronpedia (or another "
+        "feature browser): a URL template with {layer} and {feature_id}; null for none (SAEs it does not host)")
+
+    @field_validator("neuronpedia_url")
+    @classmethod
+    def _url_template(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not re.match(r"https?://[^/\s]+", v):
+            raise ValueError(f"{v!r} is not an http(s) URL template")
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"{v!r} is not a valid URL template ({e})") from None
+        if fields - {"layer", "feature_id"}:
+            raise ValueError(f"{v!r} has placeholder {{{sorted(fields - {'layer', 'feature_id'})[0]}}}; the "
+                             "placeholders are {layer} and {feature_id}")
+        return v
+
+
 class StoreConfig(_Strict):
     url: str = Field("./pathflow-store", description="a folder or an s3:// / gs:// URL (no credentials in it)")
 
@@ -168,12 +193,13 @@ class Config(_Strict):
     topk: TopkConfig = Field(default_factory=TopkConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     tokens: TokensConfig = Field(default_factory=TokensConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
 
     def hash(self) -> str:
         """sha256 of the canonical JSON of what determines the results: the resolved config without
-        ``store`` (where results are kept changes nothing in them)."""
-        blob = json.dumps(self.model_dump(mode="json", exclude={"store"}), sort_keys=True).encode()
+        ``store`` (where results are kept changes nothing in them) and ``report`` (how they are shown)."""
+        blob = json.dumps(self.model_dump(mode="json", exclude={"store", "report"}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
 

@@ -327,6 +327,7 @@ def _write_bundle(out: Path, seed: int) -> None:
         "selection": {"top_per_layer": 2, "rank_by": "cohen_d"},
         "gradients": {"batch_size": 4, "position": -1},
         "topk": {"k": 10, "score": "attribution"},
+        "report": {"neuronpedia_url": None},  # the demo's SAEs are on no feature browser
     }
     (out / "config.yaml").write_text("# pathflow demo bundle: every path is relative to this file\n"
                                      + yaml.safe_dump(config, sort_keys=False))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 
+from .report import show_token
+
 
 def feature_record(selected: dict, study_values: dict, pathways: dict, tokens: dict) -> dict:
     """Join steps 1–4 for one feature.
@@ -78,6 +80,6 @@ def report_md(records: list[dict], run_id: str) -> str:
             lines.append("")
         w = r["tokens"].get("writes")
         if w:
-            lines += ["Promotes: " + ", ".join(f"`{t['token']!r}`" for t in w["promoted"][:8]),
-                      "", "Suppresses: " + ", ".join(f"`{t['token']!r}`" for t in w["suppressed"][:8]), ""]
+            lines += ["Promotes: " + ", ".join(f"`{show_token(t['token'])}`" for t in w["promoted"][:8]),
+                      "", "Suppresses: " + ", ".join(f"`{show_token(t['token'])}`" for t in w["suppressed"][:8]), ""]
     return "\n".join(lines) + "\n"

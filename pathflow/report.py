@@ -1,184 +1,269 @@
-"""Step 5's pictures: a self-contained ``report.html`` and graphs for the attribution-graph viewer.
+"""Step 5's pictures: the run's report pages and graphs for the attribution-graph viewer.
 
-The HTML has no external resources: inline CSS and SVG, so it opens from a run folder, an
-e-mail attachment or an object store alike. Per feature: its pathway graph (upstream layers
-left to right, edge width = |attribution|, solid = validated by replay, dashed = not), its
-tokens and the study's effects; per run: traced features by layer and predicted vs actual
-change of every replayed candidate.
+The report is an index (``integrated/report.html``: one sortable, filterable table of every traced
+feature, the features by layer and predicted vs actual change of every replayed candidate) and one
+page per feature (``integrated/features/{feature}.html``), in the manner of a Neuronpedia feature
+dashboard: its pathways, its top activations with every token coloured by activation, an activation
+histogram, the tokens it promotes and suppresses, the tokens its patch changes, and the study's
+numbers. Pages are rendered by jinja2 templates (``pathflow/templates``) and self-contained: inline
+CSS, SVG and script, no external resources, so they open from a run folder or an object store alike.
+
+Geometry (positions, ticks, colours) is computed here; the markup lives in the templates.
 """
 
 from __future__ import annotations
 
-import html
 import math
+from functools import lru_cache
 
-POS, NEG = "#2166ac", "#b2182b"  # edge colours: raises / lowers the target's pre-activation
+import jinja2
 
-
-def _e(x) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _num(x, fmt="{:+.3g}") -> str:
-    return "–" if x is None else fmt.format(x)
+RAISES, LOWERS = "#2166ac", "#b2182b"  # an upstream feature raises / lowers the target (activation × gradient)
+AGREE, DISAGREE = "#2166ac", "#f4a11d"  # replay's sign agrees / disagrees with the gradient's prediction
+MAX_POINTS = 2000  # above this the run's scatter is drawn as a 2-D histogram (the index stays small)
 
 
-def pathway_svg(feature: str, layer: int, candidates: list[dict], width: int = 760, height: int = 300) -> str:
-    """The pathways into one target as SVG: upstream layers left to right, the target at the right."""
-    layers = list(range(layer + 1))
-    x = {l: 60 + (width - 150) * l / max(1, layer) for l in layers}
-    by_layer: dict[int, list[dict]] = {}
-    for c in candidates:
-        by_layer.setdefault(c["layer"], []).append(c)
-    pos = {}
-    for l, cs in by_layer.items():
-        for i, c in enumerate(cs):
-            pos[c["feature"]] = (x[l], 30 + (height - 60) * (i + 0.5) / len(cs))
-    tx, ty = x[layer] + 40, height / 2
-    wmax = max((abs(c["attribution"]) for c in candidates), default=1.0) or 1.0
-    parts = [f'<svg class="pathway" data-feature="{_e(feature)}" xmlns="http://www.w3.org/2000/svg" '
-             f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-             f'aria-label="pathways into {_e(feature)}">']
-    for l in layers:
-        parts.append(f'<line x1="{x[l]:.1f}" y1="14" x2="{x[l]:.1f}" y2="{height - 14}" stroke="#eee"/>'
-                     f'<text x="{x[l]:.1f}" y="{height - 2}" class="axis">L{l}</text>')
-    for c in candidates:
-        sx, sy = pos[c["feature"]]
-        w = 0.8 + 7 * abs(c["attribution"]) / wmax
-        colour = POS if c["attribution"] >= 0 else NEG
-        dash = ' class="validated"' if c.get("validated") else ' class="unvalidated" stroke-dasharray="5,4"'
-        parts.append(f'<path d="M{sx:.1f},{sy:.1f} C{(sx + tx) / 2:.1f},{sy:.1f} {(sx + tx) / 2:.1f},{ty:.1f} '
-                     f'{tx:.1f},{ty:.1f}" fill="none" stroke="{colour}" stroke-width="{w:.2f}" opacity="0.75"{dash}>'
-                     f'<title>{_e(c["feature"])} → {_e(feature)}: attribution {c["attribution"]:+.3g}, '
-                     f'replayed {_num(c.get("actual_change"))}</title></path>')
-    for c in candidates:
-        sx, sy = pos[c["feature"]]
-        parts.append(f'<circle cx="{sx:.1f}" cy="{sy:.1f}" r="5" fill="#555"/><text x="{sx - 8:.1f}" '
-                     f'y="{sy - 8:.1f}" class="node">{_e(c["feature"])}</text>')
-    parts.append(f'<circle cx="{tx:.1f}" cy="{ty:.1f}" r="9" fill="#f4a11d"/><text x="{tx - 30:.1f}" '
-                 f'y="{ty - 14:.1f}" class="target">{_e(feature)}</text></svg>')
-    return "".join(parts)
+def show_token(token: str) -> str:
+    """A token as a person reads it: spaces kept but visible at its edges, control characters named."""
+    if token == "":
+        return "∅"
+    t = token.replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍")
+    core = t.strip(" ")
+    lead, trail = len(t) - len(t.lstrip(" ")), len(t) - len(t.rstrip(" "))
+    return "·" * lead + core + "·" * trail if core else "·" * len(t)
 
 
-def scatter_svg(points: list[tuple[float, float, bool]], width: int = 360, height: int = 300) -> str:
-    """Predicted (x) vs actual (y) change of every replayed candidate; orange = sign disagrees."""
-    if not points:
-        return "<p>no replayed candidates</p>"
-    lim = max(max(abs(p), abs(a)) for p, a, _ in points) or 1.0
-    sx = lambda v: 40 + (width - 60) * (v + lim) / (2 * lim)  # noqa: E731
-    sy = lambda v: height - 30 - (height - 50) * (v + lim) / (2 * lim)  # noqa: E731
-    parts = [f'<svg class="scatter" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="predicted vs actual change">',
-             f'<line x1="{sx(-lim):.1f}" y1="{sy(-lim):.1f}" x2="{sx(lim):.1f}" y2="{sy(lim):.1f}" stroke="#bbb" '
-             f'stroke-dasharray="4,3"/>',
-             f'<line x1="{sx(0):.1f}" y1="{sy(-lim):.1f}" x2="{sx(0):.1f}" y2="{sy(lim):.1f}" stroke="#ddd"/>',
-             f'<line x1="{sx(-lim):.1f}" y1="{sy(0):.1f}" x2="{sx(lim):.1f}" y2="{sy(0):.1f}" stroke="#ddd"/>']
-    for p, a, agree in points:
-        parts.append(f'<circle cx="{sx(p):.1f}" cy="{sy(a):.1f}" r="3" fill="{POS if agree else "#f4a11d"}" '
-                     f'opacity="0.7"/>')
-    parts.append(f'<text x="{width / 2:.0f}" y="{height - 6}" class="axis">predicted Δpre (gradient)</text>'
-                 f'<text x="12" y="{height / 2:.0f}" class="axis" transform="rotate(-90 12 {height / 2:.0f})">'
-                 f'actual Δpre (replay)</text></svg>')
-    return "".join(parts)
+def context_token(token: str) -> str:
+    """A token inside running text: spaces as spaces, a newline shown and kept."""
+    return token.replace("\n", "↵\n").replace("\t", "⇥")
 
 
-def bars_svg(counts: dict[str, int], width: int = 360, height: int = 200) -> str:
-    if not counts:
-        return ""
-    top = max(counts.values()) or 1
-    bw = (width - 40) / len(counts)
-    parts = [f'<svg class="bars" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="features by layer">']
-    for i, (k, v) in enumerate(counts.items()):
-        h = (height - 40) * v / top
-        x = 30 + i * bw
-        parts.append(f'<rect x="{x:.1f}" y="{height - 20 - h:.1f}" width="{bw * 0.8:.1f}" height="{h:.1f}" '
-                     f'fill="{POS}"/><text x="{x + bw * 0.4:.1f}" y="{height - 6}" class="axis">L{_e(k)}</text>'
-                     f'<text x="{x + bw * 0.4:.1f}" y="{height - 24 - h:.1f}" class="axis">{v}</text>')
-    return "".join(parts) + "</svg>"
+def fmt(x, spec: str = "+.3g") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
 
 
-CSS = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:0 auto;max-width:1100px;padding:16px 28px;
-color:#222}
-h1{font-size:22px}h2{font-size:18px;border-top:1px solid #ddd;padding-top:14px;margin-top:28px}h3{font-size:15px}
-table{border-collapse:collapse;margin:6px 0 12px}td,th{border:1px solid #e3e3e3;padding:3px 7px;text-align:left;
-vertical-align:top}th{background:#f6f6f6}code{background:#f3f3f3;padding:0 3px}
-.axis{font-size:10px;fill:#666;text-anchor:middle}.node{font-size:10px;fill:#333;text-anchor:end}
-.target{font-size:12px;font-weight:600;fill:#222}.row{display:flex;gap:24px;flex-wrap:wrap}.muted{color:#777}
-.tok{font-family:ui-monospace,monospace;white-space:pre}
-"""
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """Round tick values covering [lo, hi] (steps of 1, 2 or 5 × 10^k)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        return [lo] if math.isfinite(lo) else [0.0]
+    raw = (hi - lo) / max(1, n)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step - 1e-9)
+    return [round(k * step, 12) for k in range(first, math.floor(hi / step + 1e-9) + 1)]
 
 
-SCRIPT = """
-document.getElementById('only-validated').addEventListener('change', function (e) {
-  document.querySelectorAll('svg.pathway path.unvalidated').forEach(function (p) {
-    p.style.display = e.target.checked ? 'none' : '';
-  });
-});
-"""
+def effect(c: dict) -> float:
+    """An upstream feature's linear effect on the target, activation × gradient (circuit-tracer's
+    sign: > 0 raises the target). Our stored ``attribution`` is the ablation's predicted change, −effect."""
+    return -c["attribution"]
 
 
-def _tokens_table(title: str, rows: list[dict], value_key: str) -> str:
-    body = "".join(f'<tr><td class="tok">{_e(repr(r["token"]))}</td><td>{r[value_key]:+.3g}</td></tr>' for r in rows)
-    return f"<table><tr><th>{_e(title)}</th><th>{_e(value_key)}</th></tr>{body}</table>"
+def activation_colour(value: float, top: float) -> str:
+    """Background of a token by the feature's activation there (Neuronpedia-like orange ramp)."""
+    a = 0.0 if top <= 0 else max(0.0, min(1.0, value / top))
+    return f"rgba(255,122,0,{0.08 + 0.82 * a:.2f})" if a > 0 else "transparent"
 
 
-def feature_section(r: dict) -> str:
-    out = [f'<section class="feature" id="{_e(r["feature"])}"><h2>{_e(r["feature"])} '
-           f'<span class="muted">({_e(r["direction"])}, layer {r["layer"]})</span></h2>',
-           f'<p>Selected by |{_e(r["selection"]["rank_key"])}| = {_num(r["selection"]["rank_value"], "{:.3g}")} '
-           f'(rank {r["selection"]["rank"]} in its layer).</p>']
-    for prompt, faith in r["faithfulness"].items():
-        cands = r.get("candidates", {}).get(prompt) or r["pathways"][prompt]
-        at = r.get("positions", {}).get(prompt)
-        out.append(f"<h3>prompt <code>{_e(prompt)}</code> at token {_e('?' if at is None else at)}: sign agreement"
-                   f" {_num(faith['sign_agreement'], '{:.2f}')}, "
-                   f"Pearson {_num(faith['pearson'], '{:.2f}')}, Spearman {_num(faith['spearman'], '{:.2f}')}, "
-                   f"{len(r['pathways'][prompt])} of {faith['n_candidates']} validated</h3>")
-        out.append(pathway_svg(r["feature"], r["layer"], cands))
-        rows = "".join(f"<tr><td>{_e(c['feature'])}</td><td>{c['activation']:.3g}</td><td>{c['gradient']:+.3g}</td>"
-                       f"<td>{c['predicted_change']:+.3g}</td><td>{c['actual_change']:+.3g}</td>"
-                       f"<td>{'✓' if c.get('validated') else '✗'}</td></tr>" for c in cands[:12])
-        out.append("<table><tr><th>upstream</th><th>activation</th><th>gradient</th><th>predicted Δpre</th>"
-                   f"<th>actual Δpre</th><th>validated</th></tr>{rows}</table>")
+# -- geometry ------------------------------------------------------------------------------
+
+
+def pathway_view(feature: str, layer: int, candidates: list[dict], width: int = 760, row: int = 20) -> dict:
+    """The direct edges into one target: upstream layers left to right, one row per candidate, so
+    an edge runs along its own row and never through another node; the target at the right."""
+    cands = sorted(candidates, key=lambda c: (c["layer"], -abs(c["attribution"])))
+    top_layer = max([layer] + [c["layer"] for c in cands])
+    left, right = 54, width - 130
+    x = lambda l: left + (right - left) * l / max(1, top_layer)  # noqa: E731
+    height = 40 + row * max(1, len(cands))
+    tx, ty = right + 70, 20 + row * max(1, len(cands)) / 2
+    join = right + 26
+    wmax = max((abs(c["attribution"]) for c in cands), default=1.0) or 1.0
+    nodes, edges = [], []
+    for i, c in enumerate(cands):
+        sx, sy = x(c["layer"]), 20 + row * (i + 0.5)
+        e = effect(c)
+        edges.append({
+            "d": f"M{sx:.1f},{sy:.1f} H{join:.1f} C{join + 26:.1f},{sy:.1f} {tx - 30:.1f},{ty:.1f} "
+                 f"{tx - 9:.1f},{ty:.1f}",
+            "colour": RAISES if e >= 0 else LOWERS, "width": round(0.8 + 5 * abs(e) / wmax, 2),
+            "validated": bool(c.get("validated")),
+            "title": f"{c['feature']} → {feature}: effect (activation × gradient) {e:+.3g}; "
+                     f"ablation predicted {c['predicted_change']:+.3g}, replayed {fmt(c.get('actual_change'))}"
+                     + (" (validated)" if c.get("validated") else " (not validated)")})
+        nodes.append({"x": round(sx, 1), "y": round(sy, 1), "label": c["feature"]})
+    axis = [{"x": round(x(l), 1), "label": f"L{l}"} for l in range(top_layer + 1)
+            if top_layer <= 16 or l % max(1, top_layer // 16) == 0 or l == layer]
+    return {"feature": feature, "width": width, "height": height, "nodes": nodes, "edges": edges, "axis": axis,
+            "target": {"x": round(tx, 1), "y": round(ty, 1), "label": feature}, "axis_y": height - 4}
+
+
+def scatter_view(points: list[dict], width: int = 380, height: int = 320) -> dict:
+    """Predicted (x) vs replayed (y) change. points: [{predicted, actual, agrees, title}]. Above
+    MAX_POINTS the points are binned (a 2-D histogram, darker = more)."""
+    lim = max((max(abs(p["predicted"]), abs(p["actual"])) for p in points), default=1.0) or 1.0
+    ticks = nice_ticks(-lim, lim, 4)
+    lim = max(lim, max(abs(t) for t in ticks))
+    x0, x1, y0, y1 = 52, width - 12, height - 42, 12
+    sx = lambda v: x0 + (x1 - x0) * (v + lim) / (2 * lim)  # noqa: E731
+    sy = lambda v: y0 + (y1 - y0) * (v + lim) / (2 * lim)  # noqa: E731
+    view = {"width": width, "height": height, "box": {"x0": x0, "x1": x1, "y0": y0, "y1": y1},
+            "zero": {"x": round(sx(0), 1), "y": round(sy(0), 1)}, "n": len(points),
+            "xticks": [{"at": round(sx(t), 1), "label": fmt(t, ".3g")} for t in ticks],
+            "yticks": [{"at": round(sy(t), 1), "label": fmt(t, ".3g")} for t in ticks],
+            "diag": {"x1": round(sx(-lim), 1), "y1": round(sy(-lim), 1), "x2": round(sx(lim), 1),
+                     "y2": round(sy(lim), 1)}, "points": [], "cells": []}
+    if len(points) <= MAX_POINTS:
+        view["points"] = [{"x": round(sx(p["predicted"]), 1), "y": round(sy(p["actual"]), 1),
+                           "colour": AGREE if p["agrees"] else DISAGREE, "title": p["title"]} for p in points]
+    else:
+        bins, counts = 40, {}
+        for p in points:
+            key = (min(bins - 1, int((p["predicted"] + lim) / (2 * lim) * bins)),
+                   min(bins - 1, int((p["actual"] + lim) / (2 * lim) * bins)))
+            counts[key] = counts.get(key, 0) + 1
+        top, cw, ch = max(counts.values()), (x1 - x0) / bins, (y0 - y1) / bins
+        for (i, j), n in counts.items():
+            view["cells"].append({"x": round(x0 + i * cw, 1), "y": round(y0 - (j + 1) * ch, 1), "w": round(cw, 2),
+                                  "h": round(ch, 2), "opacity": round(0.15 + 0.85 * math.log1p(n) / math.log1p(top), 2),
+                                  "title": f"{n} candidates"})
+    return view
+
+
+def histogram_view(hist: dict | None, width: int = 380, height: int = 170) -> dict | None:
+    """Bars of a feature's activation histogram, with value ticks and per-bar hover."""
+    if not hist or not hist.get("n_active"):
+        return None
+    counts, edges = hist["counts"], hist["edges"]
+    x0, x1, y0, y1 = 44, width - 10, height - 34, 10
+    top = max(counts) or 1
+    bw = (x1 - x0) / len(counts)
+    bars = [{"x": round(x0 + i * bw, 1), "w": round(max(bw - 1, 0.5), 1), "y": round(y0 - (y0 - y1) * n / top, 1),
+             "h": round((y0 - y1) * n / top, 1), "title": f"{edges[i]:.3g}–{edges[i + 1]:.3g}: {n} tokens"}
+            for i, n in enumerate(counts)]
+    span = edges[-1] or 1.0
+    xt = [{"at": round(x0 + (x1 - x0) * t / span, 1), "label": fmt(t, ".3g")} for t in nice_ticks(0, span, 4)
+          if t <= span]
+    yt = [{"at": round(y0 - (y0 - y1) * t / top, 1), "label": fmt(t, ".0f")} for t in nice_ticks(0, top, 3)
+          if t <= top and float(t).is_integer()]
+    return {"width": width, "height": height, "bars": bars, "xticks": xt, "yticks": yt,
+            "box": {"x0": x0, "x1": x1, "y0": y0, "y1": y1}, "n_active": hist["n_active"],
+            "n_tokens": hist["n_tokens"], "share": hist["n_active"] / max(1, hist["n_tokens"])}
+
+
+def bars_view(counts: dict[int, int], width: int = 380, height: int = 170) -> dict:
+    """Traced features per layer."""
+    x0, x1, y0, y1 = 30, width - 8, height - 26, 16
+    layers = sorted(counts)
+    top = max(counts.values(), default=1) or 1
+    bw = (x1 - x0) / max(1, len(layers))
+    return {"width": width, "height": height, "bars": [
+        {"x": round(x0 + i * bw, 1), "w": round(bw * 0.8, 1), "y": round(y0 - (y0 - y1) * counts[l] / top, 1),
+         "h": round((y0 - y1) * counts[l] / top, 1), "label": f"L{l}", "n": counts[l],
+         "mid": round(x0 + i * bw + bw * 0.4, 1), "show_label": len(layers) <= 16 or i % 2 == 0}
+        for i, l in enumerate(layers)], "y0": y0}
+
+
+# -- pages ---------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("pathflow", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(fmt=fmt, tok=show_token, ctok=context_token)
+    env.globals.update(RAISES=RAISES, LOWERS=LOWERS, AGREE=AGREE, DISAGREE=DISAGREE)
+    return env
+
+
+def _candidates(r: dict, prompt: str) -> list[dict]:
+    return (r.get("candidates") or r["pathways"])[prompt]
+
+
+def _points(r: dict) -> list[dict]:
+    return [{"predicted": c["predicted_change"], "actual": c["actual_change"], "agrees": c["sign_agrees"],
+             "title": f"{c['feature']} → {r['feature']} ({prompt}): predicted {c['predicted_change']:+.3g}, "
+                      f"replayed {c['actual_change']:+.3g}"}
+            for prompt in r["faithfulness"] for c in _candidates(r, prompt)]
+
+
+def contrast_name(key: str) -> tuple[str, str]:
+    """'a_vs_b' -> (a, b): the patched condition and the one it is compared against."""
+    a, _, b = key.partition("_vs_")
+    return a, b
+
+
+def feature_url(template: str | None, r: dict) -> str | None:
+    return template.format(layer=r["layer"], feature_id=r["feature_id"]) if template else None
+
+
+def feature_page(r: dict, run_id: str, neuronpedia_url: str | None = None, traced: set[str] | None = None) -> str:
+    """One feature's self-contained page. r: an integrated record (``feature_record``)."""
     t = r.get("tokens") or {}
-    row = []
-    if t.get("writes"):
-        row += [_tokens_table("promotes", t["writes"]["promoted"], "value"),
-                _tokens_table("suppresses", t["writes"]["suppressed"], "value")]
-    for name, ch in (t.get("changes") or {}).items():
-        row.append(_tokens_table(f"more under {name.split('_vs_')[0]}", ch["more"][:8], "z"))
-        row.append(_tokens_table(f"less under {name.split('_vs_')[0]}", ch["less"][:8], "z"))
-    out.append(f'<div class="row">{"".join(row)}</div>')
-    if t.get("reads"):
-        rows = "".join(f'<tr><td>{h["value"]:.3g}</td><td>{_e(h.get("source", ""))}</td>'
-                       f'<td class="tok">{_e(h["context"])}</td></tr>' for h in t["reads"][:8])
-        out.append(f"<table><tr><th>activation</th><th>in</th><th>context</th></tr>{rows}</table>")
-    if r.get("study"):
-        rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in r["study"].items()
-                       if not isinstance(v, (dict, list)))
-        out.append(f"<details><summary>study effects</summary><table>{rows}</table></details>")
-    out.append("</section>")
-    return "".join(out)
+    reads = [dict(h, top=max([h["value"]] + [x["value"] for x in h.get("tokens", [])])) for h in t.get("reads", [])]
+    top_read = max((h["value"] for h in reads), default=0.0)
+    prompts = []
+    for prompt, faith in r["faithfulness"].items():
+        cands = _candidates(r, prompt)
+        prompts.append({"name": prompt, "position": r.get("positions", {}).get(prompt), "faith": faith,
+                        "n_validated": len(r["pathways"][prompt]), "pathway": pathway_view(r["feature"], r["layer"],
+                                                                                         cands),
+                        "candidates": sorted(cands, key=lambda c: -abs(c["attribution"]))})
+    changes = [{"patched": contrast_name(k)[0], "baseline": contrast_name(k)[1], **v}
+               for k, v in (t.get("changes") or {}).items()]
+    study = [(k, v) for k, v in (r.get("study") or {}).items() if not isinstance(v, (dict, list))]
+    return _env().get_template("feature.html.j2").render(
+        r=r, run_id=run_id, prompts=prompts, reads=reads, top_read=top_read, colour=activation_colour,
+        histogram=histogram_view(t.get("histogram")), writes=t.get("writes"), changes=changes, study=study,
+        scatter=scatter_view(_points(r)), effect=effect, traced=traced or set(),
+        neuronpedia=feature_url(neuronpedia_url, r))
 
 
-def report_html(records: list[dict], run_id: str) -> str:
-    by_layer: dict[str, int] = {}
-    points = []
-    for r in sorted(records, key=lambda r: r["layer"]):
-        by_layer[str(r["layer"])] = by_layer.get(str(r["layer"]), 0) + 1
-        for cands in (r.get("candidates") or r["pathways"]).values():
-            points += [(c["predicted_change"], c["actual_change"], c["sign_agrees"]) for c in cands]
-    agree = sum(p[2] for p in points) / len(points) if points else math.nan
-    toc = " · ".join(f'<a href="#{_e(r["feature"])}">{_e(r["feature"])}</a>' for r in records)
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>pathflow run {_e(run_id)}</title>'
-            f"<style>{CSS}</style></head><body><h1>pathflow run {_e(run_id)}</h1>"
-            f"<p>{len(records)} features traced; {len(points)} candidates replayed, sign agreement "
-            f"{agree:.2f}.</p><div class=\"row\"><div><h3>traced features by layer</h3>{bars_svg(by_layer)}</div>"
-            f"<div><h3>faithfulness: predicted vs actual change</h3>{scatter_svg(points)}</div></div>"
-            f'<p>{toc}</p><p><label><input type="checkbox" id="only-validated"> show validated edges only'
-            f"</label></p>{''.join(feature_section(r) for r in records)}<script>{SCRIPT}</script></body></html>\n")
+def index_rows(records: list[dict]) -> tuple[list[str], list[dict]]:
+    """The index table: the prompts (column groups) and one row per feature."""
+    prompts = list(dict.fromkeys(p for r in records for p in r["faithfulness"]))
+    rows = []
+    for r in records:
+        t = r.get("tokens") or {}
+        validated = [c for p in r["faithfulness"] for c in r["pathways"][p]]
+        top = max(validated, key=lambda c: abs(c["attribution"]), default=None)
+        rows.append({
+            "feature": r["feature"], "layer": r["layer"], "direction": r["direction"],
+            "rank_key": r["selection"]["rank_key"], "rank_value": r["selection"]["rank_value"],
+            "per_prompt": {p: {"n_validated": len(r["pathways"][p]), "n_candidates": f["n_candidates"],
+                               "sign_agreement": f["sign_agreement"], "spearman": f["spearman"],
+                               "validated": f["validated"]} for p, f in r["faithfulness"].items()},
+            "validated": all(f["validated"] for f in r["faithfulness"].values()),
+            "top_upstream": top["feature"] if top else "", "top_effect": effect(top) if top else None,
+            "promotes": t["writes"]["promoted"][0]["token"] if t.get("writes") and t["writes"]["promoted"] else None,
+            "reads": t["reads"][0]["token"] if t.get("reads") else None,
+        })
+    return prompts, rows
+
+
+def index_page(records: list[dict], run_id: str) -> str:
+    """The run's index: summary pictures and a table of every traced feature, linking to its page."""
+    points = [p for r in records for p in _points(r)]
+    by_layer: dict[int, int] = {}
+    for r in records:
+        by_layer[r["layer"]] = by_layer.get(r["layer"], 0) + 1
+    prompts, rows = index_rows(records)
+    agree = sum(p["agrees"] for p in points) / len(points) if points else None
+    return _env().get_template("index.html.j2").render(
+        run_id=run_id, rows=rows, prompts=prompts, n_points=len(points), agree=agree,
+        bars=bars_view(by_layer), scatter=scatter_view(points),
+        rank_key=rows[0]["rank_key"] if rows else "rank")
+
+
+def report_pages(records: list[dict], run_id: str, neuronpedia_url: str | None = None) -> dict[str, str]:
+    """Every page of a run's report, by path under ``integrated/``."""
+    traced = {r["feature"] for r in records}
+    pages = {"report.html": index_page(records, run_id)}
+    for r in records:
+        pages[f"features/{r['feature']}.html"] = feature_page(r, run_id, neuronpedia_url, traced)
+    return pages
 
 
 def attribution_graph(record: dict, prompt: str, prompt_tokens: list[str], scan: str, run_id: str) -> dict:

@@ -47,7 +47,6 @@ def writes(sae: SAE, feature: int, norm_weight, W_U, tokenizer, top: int = 10) -
 # -- reads: where a feature activates most ---------------------------------------------------
 
 
-@torch.no_grad()
 def _budget_batches(lengths: list[int], batch_size: int, token_budget: int) -> list[tuple[int, int]]:
     """(start, end) of consecutive batches of at most ``batch_size`` texts whose padded size
     (rows × longest) stays within ``token_budget`` (a single longer text is a batch of its own)."""
@@ -63,19 +62,25 @@ def _budget_batches(lengths: list[int], batch_size: int, token_budget: int) -> l
     return out
 
 
-def activation_maxima(model, saes, tokenizer, texts: list[str], features: list[tuple[int, int]], top: int = 10,
-                      window: int = 6, batch_size: int = 8, max_tokens: int | None = None,
-                      token_budget: int = 4096) -> dict[tuple[int, int], list[dict]]:
-    """The ``top`` (text, position) pairs where each feature's activation is largest.
+@torch.no_grad()
+def feature_reads(model, saes, tokenizer, texts: list[str], features: list[tuple[int, int]], top: int = 10,
+                  window: int = 6, batch_size: int = 8, max_tokens: int | None = None, token_budget: int = 4096,
+                  bins: int = 24) -> dict[tuple[int, int], dict]:
+    """Where each feature activates over ``texts``: its ``top`` maxima and a histogram of its activations.
 
     Texts are run in batches (right-padded, padding masked out) of at most ``token_budget`` padded
     tokens, each text cut to ``max_tokens``, so memory is bounded whatever the texts; only the layers
-    the features live in are read. Returns {(layer, id): [{value, text, position, token, context}]}.
+    the features live in are read. Returns {(layer, id): {"maxima": [{value, text, position, token,
+    context, tokens}], "histogram": {edges [bins+1], counts [bins], n_tokens, n_active}}}, where a
+    maximum's ``tokens`` is its context window as [{token, value}] (the feature's activation at each
+    token, for colouring) and the histogram counts the active (> 0) tokens between 0 and the maximum.
     """
     from .model import resid_hooks, run_masked
 
     layers = sorted({l for l, _ in features})
-    best: dict[tuple[int, int], list[tuple[float, int, int]]] = {f: [] for f in features}
+    best: dict[tuple[int, int], list[tuple[float, int, int, list[float]]]] = {f: [] for f in features}
+    active: dict[tuple[int, int], list[torch.Tensor]] = {f: [] for f in features}
+    n_tokens = 0
     enc = [tokenizer(t).input_ids[:max_tokens] for t in texts]
     for start, end in _budget_batches([len(x) for x in enc], batch_size, token_budget):
         chunk = enc[start:end]
@@ -84,26 +89,53 @@ def activation_maxima(model, saes, tokenizer, texts: list[str], features: list[t
         mask = torch.zeros_like(ids)
         for i, x in enumerate(chunk):
             ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+        n_tokens += int(mask.sum())
         device = next(model.parameters()).device
         with resid_hooks(model, capture=set(layers), stop_after=max(layers)) as hs:
             run_masked(model, ids.to(device), mask.to(device))
         for layer, fid in features:
             sae = saes[layer]
             pre = (sae.scale * hs[layer].to(sae.W_enc.dtype)) @ sae.W_enc[fid] + sae.b_enc[fid]  # [b, seq]
-            act = sae.gate(pre).float().cpu().masked_fill(mask == 0, float("-inf"))
+            act = sae.gate(pre).float().cpu().masked_fill(mask == 0, 0.0)
+            active[(layer, fid)].append(act[act > 0])
             k = min(top, int(mask.sum()))
-            vals, flat = torch.topk(act.flatten(), k)
-            best[(layer, fid)] += [(float(v), start + int(i) // width, int(i) % width)
-                                   for v, i in zip(vals, flat) if v > 0]
+            vals, flat = torch.topk(act.masked_fill(mask == 0, float("-inf")).flatten(), k)
+            for v, i in zip(vals.tolist(), flat.tolist()):
+                if v > 0:
+                    row, p = i // width, i % width
+                    lo, hi = max(0, p - window), min(len(chunk[row]), p + window + 1)
+                    best[(layer, fid)].append((v, start + row, p, act[row, lo:hi].tolist()))
     out = {}
     for f, hits in best.items():
         hits = sorted(hits, key=lambda h: (-h[0], h[1], h[2]))[:top]
-        out[f] = [{"value": v, "text": t, "position": p, "token": token_text(tokenizer, enc[t][p]),
-                   "context": tokenizer.decode(enc[t][max(0, p - window) : p], skip_special_tokens=True)
-                   + "⟦" + token_text(tokenizer, enc[t][p]) + "⟧"
-                   + tokenizer.decode(enc[t][p + 1 : p + 1 + window], skip_special_tokens=True)}
-                  for v, t, p in hits]
+        maxima = []
+        for v, t, p, values in hits:
+            lo = max(0, p - window)
+            ids = enc[t][lo : lo + len(values)]
+            maxima.append({
+                "value": v, "text": t, "position": p, "token": token_text(tokenizer, enc[t][p]),
+                "context": tokenizer.decode(enc[t][lo:p], skip_special_tokens=True) + "⟦"
+                + token_text(tokenizer, enc[t][p]) + "⟧" + tokenizer.decode(enc[t][p + 1 : p + 1 + window],
+                                                                          skip_special_tokens=True),
+                "tokens": [{"token": token_text(tokenizer, i), "value": a} for i, a in zip(ids, values)
+                           if i not in tokenizer.all_special_ids],
+            })
+        on = torch.cat(active[f]) if active[f] else torch.zeros(0)
+        top_value = float(on.max()) if on.numel() else 0.0
+        counts = torch.histc(on, bins=bins, min=0.0, max=top_value).long().tolist() if on.numel() else [0] * bins
+        out[f] = {"maxima": maxima, "histogram": {
+            "edges": [top_value * i / bins for i in range(bins + 1)], "counts": counts,
+            "n_tokens": n_tokens, "n_active": int(on.numel())}}
     return out
+
+
+def activation_maxima(model, saes, tokenizer, texts: list[str], features: list[tuple[int, int]], top: int = 10,
+                      window: int = 6, batch_size: int = 8, max_tokens: int | None = None,
+                      token_budget: int = 4096) -> dict[tuple[int, int], list[dict]]:
+    """The ``top`` (text, position) pairs where each feature's activation is largest (see
+    ``feature_reads``): {(layer, id): [{value, text, position, token, context, tokens}]}."""
+    reads = feature_reads(model, saes, tokenizer, texts, features, top, window, batch_size, max_tokens, token_budget)
+    return {f: r["maxima"] for f, r in reads.items()}
 
 
 # -- changes: tokens over- and under-represented under a patch (Monroe et al. 2008) ---------------

@@ -9,7 +9,7 @@ from prefect.cache_policies import NONE
 from pathflow.config import Config
 from pathflow.context import get_context
 from pathflow.integrate import feature_record, report_md, summary_rows, to_csv
-from pathflow.report import attribution_graph, report_html
+from pathflow.report import attribution_graph, report_pages
 from pathflow.tokens import token_text
 
 from .common import open_run, step
@@ -37,7 +37,8 @@ def integrate_features(cfg: Config, store_url: str, run_id: str, targets: list[d
         run.write_text("integrated/summary.csv", to_csv(rows))
         md = report_md(records, run_id)
         run.write_text("integrated/report.md", md)
-        run.write_text("integrated/report.html", report_html(records, run_id))
+        for path, page in report_pages(records, run_id, cfg.report.neuronpedia_url).items():
+            run.write_text(f"integrated/{path}", page)
         for r in records:
             for prompt in r["candidates"]:
                 toks = [token_text(ctx.tokenizer, int(i)) for i in ctx.prompt_ids[prompt][0]]

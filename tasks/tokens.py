@@ -11,13 +11,15 @@ from pathflow.config import Config
 from pathflow.context import get_context
 from pathflow.model import unembed
 from pathflow.study import collect_responses
-from pathflow.tokens import activation_maxima, changes, writes
+from pathflow.tokens import changes, feature_reads, writes
 
 from .common import open_run, step
 
 METHOD = {
     "writes": "logit lens: W_U @ (W_D[i]/s ⊙ final norm weight); top promoted and suppressed tokens",
     "reads": "largest activations over the study prompts and a sample of each feature's logged responses",
+    "histogram": "activations of the feature over every token of the texts 'reads' scans: counts of the active "
+                 "(> 0) ones in equal bins from 0 to the largest",
     "changes": "log-odds ratio with an informative Dirichlet prior (Monroe et al. 2008) of token ids in "
                "responses under a patch vs its baseline; z-scores",
 }
@@ -41,13 +43,15 @@ def token_associations(cfg: Config, store_url: str, run_id: str, features: list[
             pool = [t for texts in by_cond.values() for t in texts]
             sample = random.Random(name).sample(pool, min(tc.responses, len(pool)))
             texts = prompts + [t[: 8 * tc.max_tokens] for t in sample]  # characters: bounded before tokenizing
-            reads = activation_maxima(ctx.model, ctx.saes, ctx.tokenizer, texts, [key], tc.top, tc.window,
-                                      max_tokens=max_tokens)[key]
+            scan = feature_reads(ctx.model, ctx.saes, ctx.tokenizer, texts, [key], tc.top, tc.window,
+                                 max_tokens=max_tokens)[key]
+            reads = scan["maxima"]
             for r in reads:
                 r["source"] = "prompt" if r["text"] < len(prompts) else "response"
             views = {
                 "writes": writes(ctx.saes[f["layer"]], f["feature_id"], norm_w, W_U, ctx.tokenizer, tc.top),
                 "reads": reads,
+                "histogram": scan["histogram"],
                 "changes": {f"{a}_vs_{b}": changes(ctx.tokenizer, by_cond.get(a, []), by_cond.get(b, []), tc.top,
                                                    tc.alpha0)
                             for a, b in tc.contrasts if by_cond.get(a) and by_cond.get(b)},

@@ -1,18 +1,19 @@
 """Step 5's report and graph export, on a real pipeline run of the demo bundle."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
 
 from .conftest import clean_env, require
 
-CHROMIUM = shutil.which("chromium") or "chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ROOT = Path(__file__).resolve().parents[1]
+UI = ROOT / "tests" / "ui"
 
 
 @pytest.fixture(scope="module")
@@ -77,18 +78,121 @@ def test_graph_export_matches_the_viewer_format(run_dir):
             assert [link.weight for link in links] == [c["attribution"] for c in cands]
 
 
-def test_report_renders_in_headless_chromium(run_dir, tmp_path):
-    require("chromium")
-    page = f"file://{run_dir / 'integrated' / 'report.html'}"
-    feats = [r["feature"] for r in json.loads((run_dir / "integrated/features.json").read_text())["features"]]
-    base = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
-    dom = subprocess.run([*base, "--dump-dom", page], capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
-    assert not console, console  # the report logs nothing: any console message is an error or a stray log
-    for f in feats:  # every feature's graph is in the rendered page
-        assert f'<svg class="pathway" data-feature="{f}"' in dom.stdout
-    shot = tmp_path / "report.png"
-    r = subprocess.run([*base, "--window-size=1200,2000", f"--screenshot={shot}", page], capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0 and shot.stat().st_size > 20_000  # a page with pictures, not a blank one
+def _records(run_dir):
+    return json.loads((run_dir / "integrated/features.json").read_text())["features"]
+
+
+def test_report_pages_in_headless_chromium(run_dir, tmp_path):
+    """The index and a feature's page, driven as a person would (sort, filter, follow a link, hover
+    titles, the validated-only switch). Screenshots are kept in test-output/report/."""
+    require("/usr/bin/chromium", "node", str(UI / "node_modules" / "playwright-core"))
+    from pathflow.report import LOWERS, RAISES, show_token
+
+    records = _records(run_dir)
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    out = subprocess.run(["node", str(UI / "report_pages.mjs"), str(run_dir / "integrated" / "report.html"),
+                          str(shots)], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    keep = ROOT / "test-output" / "report"  # for a person to look at
+    keep.mkdir(parents=True, exist_ok=True)
+    for png in shots.glob("*.png"):
+        shutil.copy(png, keep / png.name)
+    assert "error" not in seen, seen
+    assert seen["errors"] == [] and seen["requests"] == []  # self-contained, and nothing logged
+    # the index: every feature, sortable, filterable
+    assert sorted(seen["features"]) == sorted(r["feature"] for r in records)
+    assert seen["layers_desc"] == sorted(seen["layers_desc"], reverse=True) != sorted(seen["layers_desc"])
+    assert seen["layers_asc"] == sorted(seen["layers_asc"])
+    first = seen["features"][0]
+    assert seen["filtered"] == [first] and seen["shown"] == f"1 of {len(records)} shown"
+    assert seen["risky"] == ["risky"] * sum(r["direction"] == "risky" for r in records)
+    assert len(seen["scatter_ticks"]) >= 4 and all(float(t) == float(t) for t in seen["scatter_ticks"])
+    n_points = sum(len(c) for r in records for c in r["candidates"].values())
+    assert len(seen["scatter_titles"]) == n_points and all("predicted" in t for t in seen["scatter_titles"])
+    # the feature's page
+    (r,) = [r for r in records if r["feature"] == first]
+    assert seen["feature_url"].endswith(f"/integrated/features/{first}.html") and first in seen["feature_h1"]
+    assert seen["pathways"] == [first] * len(r["candidates"])
+    legend = " ".join(seen["legend"])
+    for words in ("raises the target", "lowers the target", "validated by replay", "not validated", "sign agrees"):
+        assert words in legend, words
+    want = {(c["feature"], RAISES if -c["attribution"] >= 0 else LOWERS) for cs in r["candidates"].values()
+            for c in cs}
+    assert {(title.split(" → ")[0], colour) for colour, title in seen["edge_colours"]} == want
+    unvalidated = sum(not c["validated"] for cs in r["candidates"].values() for c in cs)
+    assert seen["hidden_after_switch"] == unvalidated
+    # top activations: every token coloured by its activation, the strongest the darkest
+    spans = seen["token_backgrounds"]
+    assert spans, "no coloured contexts"
+
+    def alpha(css):
+        return 0.0 if css in ("transparent", "rgba(0, 0, 0, 0)") else float(css.rsplit(",", 1)[1].rstrip(")"))
+
+    values = [float(t) for _, _, t in spans]
+    assert all((alpha(bg) > 0) == (v > 0) for (_, bg, _), v in zip(spans, values))
+    assert alpha(spans[values.index(max(values))][1]) == max(alpha(bg) for _, bg, _ in spans)
+    hist = r["tokens"]["histogram"]
+    assert len(seen["histogram_bars"]) == len(hist["counts"])
+    assert sum(int(t.rsplit(": ", 1)[1].split()[0]) for t in seen["histogram_bars"]) == hist["n_active"]
+    assert seen["histogram_ticks"]
+    # tokens as text, not Python reprs
+    for t in r["tokens"]["writes"]["promoted"] + r["tokens"]["writes"]["suppressed"]:
+        assert show_token(t["token"]) in seen["chips"]
+    assert not [c for c in seen["chips"] if len(c) > 1 and c[0] == c[-1] and c[0] in "'\""]
+    for key in r["tokens"]["changes"]:
+        a, _, b = key.partition("_vs_")
+        assert f"{a} vs {b}" in seen["contrast_headers"]
+        assert f"more under {a} than {b}" in seen["contrast_headers"]
+    assert "z: the log-odds z-score" in seen["body"] and "p < 0.05" in seen["body"]
+    assert seen["neuronpedia"] == []  # off for the demo
+    assert seen["back_to"].endswith("/integrated/report.html")
+
+
+def test_pathway_edges_are_direct_and_coloured_by_effect():
+    from pathflow.report import LOWERS, RAISES, pathway_view
+
+    def cand(name, layer, attribution):
+        return {"feature": name, "layer": layer, "attribution": attribution, "predicted_change": attribution,
+                "actual_change": attribution, "validated": True}
+
+    cands = [cand("L0-1", 0, -0.5), cand("L1-2", 1, 0.25), cand("L0-3", 0, 0.1), cand("L2-4", 2, -0.05)]
+    v = pathway_view("L3-9", 3, cands)
+    ys = [n["y"] for n in v["nodes"]]
+    assert len(set(ys)) == len(ys)  # one row per upstream feature
+    for e, n in zip(v["edges"], v["nodes"]):
+        move, rest = e["d"][1:].split(" H")
+        assert move == f"{n['x']},{n['y']}"  # starts at its own node and runs along its own row...
+        join = float(rest.split(" C")[0])
+        assert join > max(m["x"] for m in v["nodes"])  # ...past every node before it turns to the target
+        assert e["colour"] == {"L0-1": RAISES, "L1-2": LOWERS, "L0-3": LOWERS, "L2-4": RAISES}[n["label"]]
+    # widths follow |effect|
+    width = {n["label"]: e["width"] for e, n in zip(v["edges"], v["nodes"])}
+    assert width["L0-1"] > width["L1-2"] > width["L0-3"] > width["L2-4"]
+
+
+def test_neuronpedia_link_template(tmp_path):
+    from pathflow.config import ConfigError, load_config
+    from pathflow.report import feature_url
+
+    cfg = load_config(None)
+    assert feature_url(cfg.report.neuronpedia_url, {"layer": 15, "feature_id": 1234}) == \
+        "https://www.neuronpedia.org/llama3.1-8b/15-llamascope-res-32k/1234"
+    for bad, why in (("ftp://x/{layer}", "http(s)"), ("https://x/{layer}/{feature}", "placeholder {feature}"),
+                     ("https://x/{layer", "not a valid URL template")):
+        p = tmp_path / "c.yaml"
+        p.write_text(f"report: {{neuronpedia_url: '{bad}'}}\n")
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            load_config(p)
+    p.write_text("report: {neuronpedia_url: null}\n")
+    assert load_config(p).report.neuronpedia_url is None
+    # the link is on the page where a template is set
+    from pathflow.report import feature_page
+
+    rec = {"feature": "L2-7", "layer": 2, "feature_id": 7, "direction": "risky", "selection":
+           {"rank_key": "cohen_d", "rank_value": 1.5, "rank": 1}, "faithfulness": {}, "pathways": {},
+           "candidates": {}, "tokens": {}, "study": {}}
+    page = feature_page(rec, "r1", "https://np.example/{layer}/{feature_id}")
+    assert 'href="https://np.example/2/7"' in page
+    assert "np.example" not in feature_page(rec, "r1", None)

@@ -95,3 +95,35 @@ def test_changes_on_real_llama3_tokenization():
         assert row["token"] == tok.decode([w]) and "Ġ" not in row["token"]
     zs = [r["z"] for r in got["more"]]
     assert zs == sorted(zs, reverse=True) and all(r["z"] < 0 for r in got["less"])
+
+
+def test_feature_reads_histogram_and_coloured_windows_by_brute_force(ctx):
+    from pathflow.tokens import feature_reads
+
+    texts = list(ctx.prompts.values()) + ["2\nStop", "1\nBet $10 and then some more text"]
+    feats = [(2, 151), (1, 7)]
+    got = feature_reads(ctx.model, ctx.saes, ctx.tokenizer, texts, feats, top=4, window=2, batch_size=2, bins=8)
+    for layer, fid in feats:
+        sae = ctx.sae(layer)
+        acts = []  # per text: the feature's activation at every token, one text at a time
+        for text in texts:
+            ids = torch.tensor([ctx.tokenizer(text).input_ids])
+            h = resid_post(ctx.model, ids, [layer])[layer][0]
+            acts.append([float(sae.encode(h[p])[fid]) for p in range(h.shape[0])])
+        on = [a for row in acts for a in row if a > 0]
+        hist = got[(layer, fid)]["histogram"]
+        assert hist["n_tokens"] == sum(len(row) for row in acts) and hist["n_active"] == len(on)
+        assert sum(hist["counts"]) == len(on) and len(hist["counts"]) == 8 and len(hist["edges"]) == 9
+        assert hist["edges"][-1] == pytest.approx(max(on, default=0.0), rel=1e-4)
+        for i, n in enumerate(hist["counts"][:-1]):  # a value on an inner edge may fall either side: compare loosely
+            lo, hi = hist["edges"][i], hist["edges"][i + 1]
+            assert abs(n - sum(lo <= a < hi for a in on)) <= 1
+        for m in got[(layer, fid)]["maxima"]:
+            row, p = acts[m["text"]], m["position"]
+            lo = max(0, p - 2)
+            ids = ctx.tokenizer(texts[m["text"]]).input_ids
+            want = [(ctx.tokenizer.decode([i]), a) for i, a in zip(ids[lo:p + 3], row[lo:p + 3])
+                    if i not in ctx.tokenizer.all_special_ids]
+            assert [t["token"] for t in m["tokens"]] == [w[0] for w in want]
+            assert [t["value"] for t in m["tokens"]] == pytest.approx([w[1] for w in want], rel=1e-4, abs=1e-5)
+            assert max(t["value"] for t in m["tokens"]) == pytest.approx(m["value"], rel=1e-4)
