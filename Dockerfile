@@ -1,7 +1,9 @@
 # pathflow worker image: the project and its locked dependencies on a CUDA PyTorch base.
 #
-#   docker build -t pathflow:0.1.0 .                      # GPU image (official PyTorch CUDA runtime base)
-#   container/build-local.sh                              # CPU image with buildah, no Docker engine (CI)
+#   PUSH=0 container/build-push.sh     # GPU image (official PyTorch CUDA runtime base) as pathflow:<version>
+#   docker build --build-arg VERSION="$(container/version)" -t "pathflow:$(container/version)" .   # the same
+#   container/build-local.sh           # CPU image with buildah, no Docker engine (CI)
+# VERSION is pyproject.toml's version (container/version); the build stops if they differ.
 #
 # BASE_IMAGE must provide python3 (>= 3.10) with the venv module. The project's virtual environment sees
 # the base's site-packages, so the base's CUDA PyTorch is used as it is and never downloaded again.
@@ -14,6 +16,7 @@ ARG EXTRA_REQUIREMENTS=""
 ARG EXTRAS="s3,gcs,docker"
 # A CA bundle mounted for the build only (behind a TLS-inspecting proxy); never copied into the image.
 ARG BUILD_CA_BUNDLE=""
+ARG VERSION
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY container/wheels/ container/wheels/
@@ -26,10 +29,14 @@ COPY storage/ storage/
 RUN if [ -n "$BUILD_CA_BUNDLE" ]; then export PIP_CERT="$BUILD_CA_BUNDLE"; fi \
     && python3 -m venv --system-site-packages /opt/pathflow \
     && /opt/pathflow/bin/pip install --no-cache-dir --disable-pip-version-check --find-links container/wheels -c constraints.txt ${EXTRA_REQUIREMENTS} ".[${EXTRAS}]" \
-    && find /opt/pathflow -name __pycache__ -prune -exec rm -rf {} +
+    && find /opt/pathflow -name __pycache__ -prune -exec rm -rf {} + \
+    && installed=$(/opt/pathflow/bin/python -c "import importlib.metadata as m; print(m.version('pathflow'))") \
+    && if [ "$installed" != "$VERSION" ]; then \
+         echo "build with --build-arg VERSION=$installed (pyproject.toml's version), not '$VERSION'" >&2; exit 1; \
+       fi
 
 FROM ${BASE_IMAGE}
-ARG VERSION=0.1.0
+ARG VERSION
 LABEL org.opencontainers.image.title="pathflow" \
       org.opencontainers.image.description="Find and validate pathways to causal SAE features: Prefect worker" \
       org.opencontainers.image.version="${VERSION}" \

@@ -13,7 +13,7 @@ TAG=${1:-localhost/pathflow:local}
 BASE=localhost/pathflow-base:bookworm
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 B=(buildah --storage-driver vfs)
-VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
+VERSION=$(sh container/version)
 say() { printf '\n== %s\n' "$*"; }
 
 for tool in buildah debootstrap; do

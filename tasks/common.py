@@ -35,7 +35,8 @@ def run_folder_artifact(run: Run, status: str) -> None:
     page = browse_url(run)
     lines = [f"### pathflow run `{run.run_id}`: {status}", "", "| what | where |", "|---|---|",
              f"| run folder | `{run.url}`" + (f" ([open]({page}))" if page else "") + " |",
-             f"| report | `{run.url}/integrated/report.html` |",
+             f"| report (index) | `{run.url}/integrated/report.html` |",
+             f"| feature pages | `{run.url}/integrated/features/<feature>.html` |",
              f"| summary table | `{run.url}/integrated/summary.csv` |", "",
              f"Check every output against the manifest: `pathflow runs verify {run.run_id} --store {run.store.url}`"]
     create_markdown_artifact(key="pathflow-run-folder", markdown="\n".join(lines),
