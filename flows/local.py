@@ -10,7 +10,7 @@ from flows.common import auto_run_id, result_of, run_name
 from flows.pipeline import mark_failed, start_or_resume, trace_pathways
 from pathflow.config import Config
 from pathflow.errors import quiet_user_errors
-from pathflow.provenance import provenance
+from pathflow.provenance import sae_provenance
 from storage.store import new_run_id
 from tasks.common import run_folder_artifact, step
 from tasks.integrate import integrate_features
@@ -38,7 +38,7 @@ def local_flow(config: Config | str, run_id: str | None = None, feature: str | N
         sel = select_features(config, store_url, run_id, audited, feature)
         target = sel["target"]
         logger.info("tracing %s (layer %d)", target["feature"], target["layer"])
-        run.update(sae={**run.manifest()["sae"], **provenance(config, list(range(target["layer"] + 1)))["sae"]})
+        run.update(sae={**run.manifest()["sae"], **sae_provenance(config, list(range(target["layer"] + 1)))})
         replayed = trace_pathways(config, store_url, run_id, [{**target, "index": 0}])
         tokens = token_associations(config, store_url, run_id, [target])
         records = integrate_features(config, store_url, run_id, [target], audited["features"], replayed, tokens)

@@ -6,14 +6,16 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.exceptions import TerminationSignal
 from prefect.futures import as_completed
+from prefect.utilities.annotations import quote
 
 from flows.common import auto_run_id, result_of, run_name
 from pathflow import interrupt
 from pathflow.config import Config
 from pathflow.errors import PathflowError, quiet_user_errors
+from pathflow.integrate import summary_rows
 from pathflow.pathways import plan_batches
 from pathflow.preflight import preflight
-from pathflow.provenance import provenance
+from pathflow.provenance import provenance, sae_provenance
 from pathflow.study import audit_errors
 from storage.store import Run, Store, git_commit, new_run_id, redact
 from tasks.common import open_run, run_folder_artifact, step
@@ -39,7 +41,7 @@ def trace_pathways(config: Config, store_url: str, run_id: str, targets: list[di
             r = fut.result()
             done[r["marker"]["batch"]] = r
             update_progress_artifact(progress, 100.0 * len(done) / len(batches))
-        return merge_pathways(config, store_url, run_id, [done[b.name] for b in batches])
+        return merge_pathways(config, store_url, run_id, quote([done[b.name] for b in batches]))
 
 
 def audit_and_select(config: Config, run_id: str, run, allow_audit_errors: bool = False) -> tuple[dict, list[dict]]:
@@ -51,7 +53,7 @@ def audit_and_select(config: Config, run_id: str, run, allow_audit_errors: bool 
         if not allow_audit_errors:
             raise PathflowError(audit_errors(audited["report"]))
         logger.warning("going on despite %d study audit errors (allow_audit_errors)", len(audited["report"]["errors"]))
-    selected = select_features(config, config.store.url, run_id, audited)["selected"]
+    selected = select_features(config, config.store.url, run_id, quote(audited))["selected"]
     skipped = [s["feature"] for s in selected if s["layer"] == 0]
     if skipped:
         logger.warning("not traced (layer 0 has no upstream SAE features): %s", ", ".join(skipped))
@@ -59,7 +61,7 @@ def audit_and_select(config: Config, run_id: str, run, allow_audit_errors: bool 
     if not targets:
         raise PathflowError("no selected feature above layer 0 to trace")
     logger.info("tracing %d features in %d layers", len(targets), len({t["layer"] for t in targets}))
-    run.update(sae=provenance(config, sorted({l for t in targets for l in range(t["layer"] + 1)}))["sae"])
+    run.update(sae=sae_provenance(config, sorted({l for t in targets for l in range(t["layer"] + 1)})))
     return audited, targets
 
 
@@ -70,9 +72,11 @@ def run_steps(config: Config, run, trace, allow_audit_errors: bool = False) -> d
     try:
         audited, targets = audit_and_select(config, run.run_id, run, allow_audit_errors)
         validated = trace(targets)
-        tokens = token_associations(config, config.store.url, run.run_id, targets)
-        records = integrate_features(config, config.store.url, run.run_id, targets, audited["features"], validated,
-                                     tokens)
+        tokens = token_associations(config, config.store.url, run.run_id, quote(targets))
+        # quote(): results pass to the next task as they are; Prefect would otherwise walk every nested
+        # value looking for futures (minutes at 1,500 features)
+        records = integrate_features(config, config.store.url, run.run_id, quote(targets), quote(audited["features"]),
+                                     quote(validated), quote(tokens))
         manifest = run.complete()
     except BaseException as e:
         mark_failed(run, e)
@@ -80,8 +84,9 @@ def run_steps(config: Config, run, trace, allow_audit_errors: bool = False) -> d
     finally:
         run.lease.release()
     run_folder_artifact(run, manifest["status"])
+    # the summary rows, not the records: a flow's return value is walked by Prefect too
     return {"run_id": run.run_id, "run_url": run.url, "status": manifest["status"], "n_targets": len(targets),
-            "records": records}
+            "rows": summary_rows(records)}
 
 
 def mark_failed(run, e: BaseException) -> None:

@@ -38,10 +38,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+def launch_server() -> tuple[subprocess.Popen, str]:
     """Start ``uvicorn prefect.server.api.server:create_app`` on a free loopback port (SQLite in
-    PREFECT_HOME, as Prefect's ephemeral mode does); returns (process, api_url) once healthy."""
-    import httpx
+    PREFECT_HOME, as Prefect's ephemeral mode does) and return at once: (process, api_url). It boots
+    while the caller goes on (importing PyTorch, say); ``wait_healthy`` waits for it."""
     import prefect
 
     port = _free_port()
@@ -54,7 +54,13 @@ def start_server(timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
          "--lifespan", "on"],
         env=env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
     _PROCS.append(proc)
-    url = f"http://127.0.0.1:{port}/api"
+    return proc, f"http://127.0.0.1:{port}/api"
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 60.0) -> None:
+    """Wait until a launched server answers; stop it and raise if it exits or does not answer."""
+    import httpx
+
     deadline = time.monotonic() + timeout
     with httpx.Client() as client:
         while time.monotonic() < deadline:
@@ -64,11 +70,21 @@ def start_server(timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
                                     "set PREFECT_API_URL to a running server instead")
             with contextlib.suppress(httpx.HTTPError):
                 if client.get(f"{url}/health", timeout=2).status_code == 200:
-                    return proc, url
+                    return
             time.sleep(0.1)
     stop(proc)
     raise PathflowError(f"the temporary Prefect server did not answer within {timeout:.0f} s; "
                         "set PREFECT_API_URL to a running server instead")
+
+
+
+
+def early_server() -> tuple[subprocess.Popen, str] | None:
+    """A temporary server launched now, for ``prefect_api(early)`` later, when no PREFECT_API_URL is
+    set (None otherwise): it boots while the command imports the flows."""
+    from prefect.settings import PREFECT_API_URL
+
+    return None if PREFECT_API_URL.value() else launch_server()
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -91,16 +107,18 @@ def stop_all() -> None:
 
 
 @contextlib.contextmanager
-def prefect_api() -> Iterator[str | None]:
+def prefect_api(early: tuple[subprocess.Popen, str] | None = None) -> Iterator[str | None]:
     """The API flows of this command report to: ``PREFECT_API_URL`` when set, else a temporary
-    server for the duration of the block. Yields the URL (None: the caller's own setting)."""
+    server for the duration of the block (``early``: one ``early_server`` launched). Yields the URL
+    (None: the caller's own setting)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if PREFECT_API_URL.value():
+    if early is None and PREFECT_API_URL.value():
         yield None
         return
-    proc, url = start_server()
+    proc, url = early or launch_server()
     try:
+        wait_healthy(proc, url)
         with temporary_settings(updates={PREFECT_API_URL: url}):
             try:
                 yield url

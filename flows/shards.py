@@ -20,6 +20,7 @@ import time
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
+from prefect.utilities.annotations import quote
 
 from flows.common import auto_run_id, run_name
 from flows.pipeline import run_steps, start_or_resume
@@ -159,7 +160,7 @@ def sharded_flow(config: Config | str, shards: int = 2, shard_deployment: str = 
             outcome = run_shards(config, run_id, len(groups), shard_deployment, shard_retries, shard_job_variables,
                                  poll_seconds, [b.name for b in batches])
             run.update(shard_runs={str(s): o for s, o in sorted(outcome.items())})
-            return merge_pathways(config, store_url, run_id, [read_batch(run, b.name) for b in batches])
+            return merge_pathways(config, store_url, run_id, quote([read_batch(run, b.name) for b in batches]))
 
     result = run_steps(config, run, trace, allow_audit_errors)
     return {**result, "shards": len(run.manifest()["shard_runs"])}  # fewer than asked when batches are few

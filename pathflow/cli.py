@@ -67,7 +67,7 @@ def _study_checked(cfg, allow_audit_errors: bool) -> list[dict]:
     from .study import audit_errors, missing_features, select
 
     try:
-        report, features = _audit_with_progress(cfg)
+        report, features = _audit_with_progress(cfg, remember=True)  # the flow's audit step takes it again
     except PathflowError as e:
         _fail(str(e))
     if report["errors"] and not allow_audit_errors:
@@ -273,7 +273,7 @@ def _print_done(result: dict) -> None:
     console.print(styled("run ", (result["run_id"], "bold"), f" {result['status']}: ", (result["run_url"], "bold")))
 
 
-def _audit_with_progress(cfg):
+def _audit_with_progress(cfg, remember: bool = False):
     """Run the audit with a progress bar over the bytes of every study file."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -286,7 +286,7 @@ def _audit_with_progress(cfg):
     with Progress(TextColumn("reading the study"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   console=err, transient=True, disable=total < 50 * 2**20) as bar:
         task = bar.add_task("read", total=total)
-        return audit(cfg, progress=lambda _p, n: bar.advance(task, n))
+        return audit(cfg, progress=lambda _p, n: bar.advance(task, n), remember=remember)
 
 
 def _print_audit(report: dict) -> None:
@@ -529,20 +529,24 @@ def run_cmd(config: Path | None = ConfigOpt, store: str | None = StoreOpt,
     _apply_selection(cfg, feature, layer, direction, top)
     run = _preflight(cfg, resume)
     _study_checked(cfg, allow_audit_errors)
-    from flows.pipeline import run_pipeline
-    from flows.server import prefect_api
+    from flows.server import early_server, prefect_api, stop
 
+    server = early_server()  # everything is checked: the server boots while the flows and PyTorch import
+    try:
+        from flows.pipeline import run_pipeline
+    except BaseException:
+        if server:
+            stop(server[0])
+        raise
     _prefect_imported()
     err.print(styled("run ", (run.run_id, "bold"), f" in {run.store.url}"))
     try:
-        with _interruptible(run), prefect_api(), _batch_progress(run):
+        with _interruptible(run), prefect_api(server), _batch_progress(run):
             result = run_pipeline(cfg, run_id=run.run_id, resume=resume is not None,
                                   allow_audit_errors=allow_audit_errors)
     except PathflowError as e:
         _fail(str(e), 1)
-    from .integrate import summary_rows
-
-    rows = summary_rows(result["records"])
+    rows = result["rows"]
     t = Table(title=f"{result['n_targets']} features traced")
     for col in ("feature", "direction", "prompt", "n_validated", "sign_agreement", "spearman", "top_upstream"):
         t.add_column(col)
@@ -550,6 +554,9 @@ def run_cmd(config: Path | None = ConfigOpt, store: str | None = StoreOpt,
         t.add_row(*[f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in
                     ("feature", "direction", "prompt", "n_validated", "sign_agreement", "spearman", "top_upstream")])
     console.print(t)
+    if len(rows) > 80:
+        console.print(f"the first 80 of {len(rows)} rows; every row is in integrated/summary.csv, every feature in "
+                      "integrated/report.html")
     _print_done(result)
 
 

@@ -118,6 +118,9 @@ class GradientsConfig(_Strict):
     batch_size: int = Field(8, ge=1, description="targets per backward; halves on out-of-memory")
     position: int = Field(-1, description="token position of the target (negative counts from the end)")
     sae_budget_gb: float | None = Field(None, gt=0, description="memory for resident SAEs (None: keep all)")
+    keepbits: int | None = Field(7, ge=1, le=23, description="mantissa bits of float32 kept in jacobians.zarr "
+                                 "(rounded, relative error ≤ 2^-(keepbits+1); 7 is bfloat16's precision); null: "
+                                 "lossless. Rankings and replay use the exact values in memory, never the stored ones")
 
 
 class TopkConfig(_Strict):
@@ -148,6 +151,8 @@ class TokensConfig(_Strict):
     alpha0: float = Field(100.0, gt=0, description="strength of the Dirichlet prior of the log-odds")
     max_tokens: int = Field(512, ge=8, description="tokens of each logged response read for activation maxima "
                             "(longer ones are cut; the prompts are read whole)")
+    batch_size: int = Field(64, ge=1, description="texts per forward when reading activations (a batch also stays "
+                            "within 4,096 padded tokens)")
 
 
 NEURONPEDIA_LLAMASCOPE = "https://www.neuronpedia.org/llama3.1-8b/{layer}-llamascope-res-32k/{feature_id}"

@@ -66,14 +66,13 @@ def shard_batches(batches: list[Batch], shards: int) -> list[list[Batch]]:
 class BatchJacobians:
     """Phase A of one batch.
 
-    grad, attribution: [k, prompt, n_layers, d_sae] float32, NaN for layers ≥ the batch's layer
-    activation:        [prompt, n_up, d_sae]  upstream activations at the position
+    grad:       [k, prompt, n_layers, d_sae] float32, NaN for layers ≥ the batch's layer
+    activation: [prompt, n_up, d_sae]  upstream activations at the position (attribution = −grad ⊙ activation)
     """
 
     batch: Batch
     prompts: list[str]
     grad: np.ndarray
-    attribution: np.ndarray
     activation: np.ndarray
     pre: np.ndarray  # [k, prompt]
     seconds: float
@@ -99,7 +98,6 @@ def phase_a(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, n_layer
     prompts = list(prefixes)
     d_sae = saes[layer].d_sae
     grad = np.full((k, len(prompts), n_layers, d_sae), np.nan, np.float32)
-    attr = grad.copy()
     act = np.zeros((len(prompts), layer, d_sae), np.float32)
     pre = np.zeros((k, len(prompts)), np.float32)
     splits: list[int] = []
@@ -111,14 +109,13 @@ def phase_a(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, n_layer
         for sub, tj in _batched(fn, batch.targets, backoff, splits):
             n = len(sub)
             grad[row : row + n, p, :layer] = tj.grad.cpu().numpy()
-            attr[row : row + n, p, :layer] = tj.attribution.cpu().numpy()
             pre[row : row + n, p] = tj.pre.cpu().numpy()
             act[p] = tj.activation.cpu().numpy()
             row += n
     memory = peak_memory(device)
     log.info("%s: %d targets, %.3fs, peak %s %.1f MiB%s", batch.name, k, time.perf_counter() - t0, memory["kind"],
              memory["bytes"] / 2**20, f", split after OOM at {splits}" if splits else "")
-    return BatchJacobians(batch, prompts, grad, attr, act, pre, time.perf_counter() - t0, memory, splits)
+    return BatchJacobians(batch, prompts, grad, act, pre, time.perf_counter() - t0, memory, splits)
 
 
 def phase_b(bj: BatchJacobians, k: int, score: str, min_abs_gradient: float) -> dict[str, dict[str, list[dict]]]:

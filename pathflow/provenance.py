@@ -19,6 +19,15 @@ def _model_hashes(name_or_path: str) -> dict[str, str] | None:
     return {f.name: file_sha256([str(f)])[str(f)] for f in sorted(p.glob("*.safetensors"))}
 
 
+def sae_provenance(cfg: Config, layers: list[int] | None = None) -> dict:
+    """The SAE release and, for ``layers``, each layer's file location and hash."""
+    sae = {"root": cfg.sae.root, "pattern": cfg.sae.pattern, "revision": cfg.sae.revision, "layers": {}}
+    for layer in layers or []:
+        sae["layers"][str(layer)] = {"location": layer_location(cfg.sae.root, cfg.sae.pattern, layer),
+                                     "sha256": sae_file_hash(cfg.sae.root, cfg.sae.pattern, layer)}
+    return sae
+
+
 def provenance(cfg: Config, layers: list[int] | None = None) -> dict:
     import torch
     import transformers
@@ -26,10 +35,7 @@ def provenance(cfg: Config, layers: list[int] | None = None) -> dict:
     specs = cfg.study.checkpoints + cfg.study.response_logs + cfg.study.revalidation
     inputs = [str(p) for p in expand(specs) if p.is_file()]
     inputs += [p for p in (cfg.study.summary_csv, cfg.study.prompts) if p]
-    sae = {"root": cfg.sae.root, "pattern": cfg.sae.pattern, "revision": cfg.sae.revision, "layers": {}}
-    for layer in layers or []:
-        sae["layers"][str(layer)] = {"location": layer_location(cfg.sae.root, cfg.sae.pattern, layer),
-                                     "sha256": sae_file_hash(cfg.sae.root, cfg.sae.pattern, layer)}
+    sae = sae_provenance(cfg, layers)
     return {
         "pathflow_version": __version__,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,

@@ -33,19 +33,6 @@ MAX_LINE_BYTES = 16 << 20  # one JSONL line
 MAX_DEPTH = 32  # nesting of one record
 
 
-def nesting_depth(x: Any, limit: int = MAX_DEPTH) -> int:
-    """Nesting depth of a parsed JSON value, counting no further than ``limit + 1`` (iterative)."""
-    deepest, stack = 0, [(x, 1)]
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, (dict, list)):
-            deepest = max(deepest, d)
-            if d > limit:
-                return d
-            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
-    return deepest
-
-
 def non_finite(x: Any, path: str = "") -> str | None:
     """The path of the first NaN/±inf number in a parsed JSON value (``1e999`` parses to inf), else None."""
     stack = [(x, path)]
@@ -61,14 +48,22 @@ def non_finite(x: Any, path: str = "") -> str | None:
 
 
 def check_record(r: Any, file, idx, f: Findings) -> bool:
-    """A record is bounded in depth and holds only finite numbers; else an error naming it."""
-    depth = nesting_depth(r)
-    if depth > MAX_DEPTH:
-        f.error("too_deep", f"record is nested more than {MAX_DEPTH} levels", file, idx)
-        return False
-    bad = non_finite(r)
-    if bad is not None:
-        f.error("not_finite", f"'{bad}' is not a finite number", file, idx)
+    """A record is bounded in depth and holds only finite numbers; else an error naming it.
+
+    One pass over the record for both (it runs on every logged trial); the path of a bad number is
+    looked up only when there is one."""
+    stack, finite = [(r, 1)], True
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict) or isinstance(v, list):
+            if d > MAX_DEPTH:
+                f.error("too_deep", f"record is nested more than {MAX_DEPTH} levels", file, idx)
+                return False
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+        elif isinstance(v, float) and not math.isfinite(v):
+            finite = False
+    if not finite:
+        f.error("not_finite", f"'{non_finite(r)}' is not a finite number", file, idx)
         return False
     return True
 

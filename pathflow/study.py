@@ -153,12 +153,45 @@ def check_paths(cfg: Config) -> None:
         raise PathflowError("configured study paths do not exist:\n  " + "\n  ".join(missing))
 
 
-def audit(cfg: Config, progress: Progress | None = None) -> tuple[dict, dict[str, FeatureResult]]:
+_REMEMBERED: dict[tuple, tuple[dict, dict]] = {}  # an audit kept for the next one of the same, unchanged files
+
+
+def _audit_key(cfg: Config) -> tuple:
+    """What an audit reads: the study config and every input file's path, size and modification time."""
+    s = cfg.study
+    files = expand(s.checkpoints + s.response_logs + s.revalidation) + [Path(p) for p in (s.summary_csv,) if p]
+    stats = []
+    for p in files:
+        try:
+            st = p.stat()
+            stats.append((str(p), st.st_size, st.st_mtime_ns, st.st_ino))
+        except OSError:
+            stats.append((str(p), None, None, None))
+    return s.model_dump_json(), tuple(stats)
+
+
+def audit(cfg: Config, progress: Progress | None = None, remember: bool = False
+          ) -> tuple[dict, dict[str, FeatureResult]]:
     """Step 0: read everything, check it, count it, join it. Returns (report, features by name).
 
-    ``progress(path, bytes)`` is called as each file is done (for a progress bar).
+    ``progress(path, bytes)`` is called as each file is done (for a progress bar). ``remember``
+    keeps the result for the next audit of the same files, unchanged (path, size, modification time,
+    inode), in this process, once: `pathflow run` audits before it starts a server, and its flow's
+    audit step, in the same process, takes that result instead of reading the study again.
     """
+    import copy
+
     check_paths(cfg)
+    key = _audit_key(cfg)
+    kept = _REMEMBERED.pop(key, None)
+    _REMEMBERED.clear()
+    result = kept or _audit(cfg, progress)
+    if remember:
+        _REMEMBERED[key] = copy.deepcopy(result)
+    return result
+
+
+def _audit(cfg: Config, progress: Progress | None) -> tuple[dict, dict[str, FeatureResult]]:
     f = Findings()
     features, ck_counts = read_checkpoints(expand(cfg.study.checkpoints, f), f, progress)
     if cfg.study.summary_csv:

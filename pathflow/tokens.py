@@ -62,52 +62,93 @@ def _budget_batches(lengths: list[int], batch_size: int, token_budget: int) -> l
     return out
 
 
+def reading_plan(shared: list[str], own: list[list[str]]) -> tuple[list[str], list[list[int]], list[list[int]]]:
+    """The distinct texts of a one-pass read: ``shared`` (read by every feature), then each feature's
+    ``own`` texts, every distinct text once. Returns (texts, readers, views): ``readers[t]`` the features
+    reading text t, ``views[j]`` feature j's texts as indices into ``texts``, shared ones first."""
+    texts = list(shared)
+    readers: list[list[int]] = [list(range(len(own))) for _ in shared]
+    index = {t: i for i, t in enumerate(texts)}
+    views = []
+    for j, mine in enumerate(own):
+        view = list(range(len(shared)))
+        for t in mine:
+            i = index.get(t)
+            if i is None:
+                i = index[t] = len(texts)
+                texts.append(t)
+                readers.append([])
+            if i >= len(shared) and j not in readers[i]:
+                readers[i].append(j)
+                view.append(i)
+        views.append(view)
+    return texts, readers, views
+
+
 @torch.no_grad()
 def feature_reads(model, saes, tokenizer, texts: list[str], features: list[tuple[int, int]], top: int = 10,
                   window: int = 6, batch_size: int = 8, max_tokens: int | None = None, token_budget: int = 4096,
-                  bins: int = 24) -> dict[tuple[int, int], dict]:
+                  bins: int = 24, readers: list[list[int]] | None = None) -> dict[tuple[int, int], dict]:
     """Where each feature activates over ``texts``: its ``top`` maxima and a histogram of its activations.
 
-    Texts are run in batches (right-padded, padding masked out) of at most ``token_budget`` padded
-    tokens, each text cut to ``max_tokens``, so memory is bounded whatever the texts; only the layers
-    the features live in are read. Returns {(layer, id): {"maxima": [{value, text, position, token,
-    context, tokens}], "histogram": {edges [bins+1], counts [bins], n_tokens, n_active}}}, where a
-    maximum's ``tokens`` is its context window as [{token, value}] (the feature's activation at each
-    token, for colouring) and the histogram counts the active (> 0) tokens between 0 and the maximum.
+    Every text goes through the model once, whichever features read it: ``readers[t]`` lists the
+    indices (into ``features``) of the features that read text ``t`` (default: every feature reads
+    every text), and each feature is read only from its texts. Texts are run in batches (right-padded,
+    padding masked out) of at most ``token_budget`` padded tokens, each text cut to ``max_tokens``, so
+    memory is bounded whatever the texts; only the layers the batch's readers live in are computed, and
+    the features of one layer are read with one matmul.
+
+    Returns {(layer, id): {"maxima": [{value, text, position, token, context, tokens}], "histogram":
+    {edges [bins+1], counts [bins], n_tokens, n_active}}}: ``text`` indexes ``texts``; a maximum's
+    ``tokens`` is its context window as [{token, value}] (the feature's activation at each token, for
+    colouring); the histogram counts the feature's active (> 0) tokens over its texts in equal bins from
+    0 to its maximum.
     """
     from .model import resid_hooks, run_masked
 
-    layers = sorted({l for l, _ in features})
-    best: dict[tuple[int, int], list[tuple[float, int, int, list[float]]]] = {f: [] for f in features}
-    active: dict[tuple[int, int], list[torch.Tensor]] = {f: [] for f in features}
-    n_tokens = 0
+    readers = readers if readers is not None else [list(range(len(features)))] * len(texts)
+    best: list[list[tuple[float, int, int, list[float]]]] = [[] for _ in features]
+    active: list[list[torch.Tensor]] = [[] for _ in features]
+    n_tokens = [0] * len(features)
     enc = [tokenizer(t).input_ids[:max_tokens] for t in texts]
+    device = next(model.parameters()).device
     for start, end in _budget_batches([len(x) for x in enc], batch_size, token_budget):
         chunk = enc[start:end]
+        involved = sorted({j for t in range(start, end) for j in readers[t]})
+        if not involved:
+            continue
         width = max(len(x) for x in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        reads = torch.zeros(len(chunk), len(features), dtype=torch.bool)  # [b, n_features]: row read by feature
         for i, x in enumerate(chunk):
-            ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
-        n_tokens += int(mask.sum())
-        device = next(model.parameters()).device
+            ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), True
+            reads[i, readers[start + i]] = True
+            for j in readers[start + i]:
+                n_tokens[j] += len(x)
+        layers = sorted({features[j][0] for j in involved})
         with resid_hooks(model, capture=set(layers), stop_after=max(layers)) as hs:
-            run_masked(model, ids.to(device), mask.to(device))
-        for layer, fid in features:
-            sae = saes[layer]
-            pre = (sae.scale * hs[layer].to(sae.W_enc.dtype)) @ sae.W_enc[fid] + sae.b_enc[fid]  # [b, seq]
-            act = sae.gate(pre).float().cpu().masked_fill(mask == 0, 0.0)
-            active[(layer, fid)].append(act[act > 0])
-            k = min(top, int(mask.sum()))
-            vals, flat = torch.topk(act.masked_fill(mask == 0, float("-inf")).flatten(), k)
-            for v, i in zip(vals.tolist(), flat.tolist()):
-                if v > 0:
+            run_masked(model, ids.to(device), mask.long().to(device))
+        for layer in layers:
+            js = [j for j in involved if features[j][0] == layer]
+            sae, fids = saes[layer], torch.tensor([features[j][1] for j in js], device=device)
+            pre = (sae.scale * hs[layer].to(sae.W_enc.dtype)) @ sae.W_enc[fids].T + sae.b_enc[fids]  # [b, seq, F]
+            act = sae.gate(pre).float().cpu()
+            act = act.masked_fill(~(mask[:, :, None] & reads[:, None, js]), 0.0)
+            for col, j in enumerate(js):
+                a = act[..., col]  # [b, seq]
+                on = a[a > 0]
+                if not on.numel():
+                    continue
+                active[j].append(on)
+                vals, flat = torch.topk(a.flatten(), min(top, on.numel()))
+                for v, i in zip(vals.tolist(), flat.tolist()):
                     row, p = i // width, i % width
                     lo, hi = max(0, p - window), min(len(chunk[row]), p + window + 1)
-                    best[(layer, fid)].append((v, start + row, p, act[row, lo:hi].tolist()))
+                    best[j].append((v, start + row, p, a[row, lo:hi].tolist()))
     out = {}
-    for f, hits in best.items():
-        hits = sorted(hits, key=lambda h: (-h[0], h[1], h[2]))[:top]
+    for j, f in enumerate(features):
+        hits = sorted(best[j], key=lambda h: (-h[0], h[1], h[2]))[:top]
         maxima = []
         for v, t, p, values in hits:
             lo = max(0, p - window)
@@ -120,12 +161,12 @@ def feature_reads(model, saes, tokenizer, texts: list[str], features: list[tuple
                 "tokens": [{"token": token_text(tokenizer, i), "value": a} for i, a in zip(ids, values)
                            if i not in tokenizer.all_special_ids],
             })
-        on = torch.cat(active[f]) if active[f] else torch.zeros(0)
+        on = torch.cat(active[j]) if active[j] else torch.zeros(0)
         top_value = float(on.max()) if on.numel() else 0.0
         counts = torch.histc(on, bins=bins, min=0.0, max=top_value).long().tolist() if on.numel() else [0] * bins
         out[f] = {"maxima": maxima, "histogram": {
             "edges": [top_value * i / bins for i in range(bins + 1)], "counts": counts,
-            "n_tokens": n_tokens, "n_active": int(on.numel())}}
+            "n_tokens": n_tokens[j], "n_active": int(on.numel())}}
     return out
 
 

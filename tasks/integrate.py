@@ -15,6 +15,7 @@ from pathflow.tokens import token_text
 from .common import open_run, step
 
 TABLE_ROWS = 50  # the UI's table stays readable; integrated/summary.csv has every row
+REPORT_FEATURES = 20  # features in the markdown artifact; integrated/report.md and the report pages have all
 TABLE_COLUMNS = ("feature", "direction", "prompt", "n_validated", "n_candidates", "sign_agreement", "spearman",
                  "top_upstream")
 
@@ -48,5 +49,8 @@ def integrate_features(cfg: Config, store_url: str, run_id: str, targets: list[d
     create_table_artifact(key="pathflow-pathways", table=table_rows(rows, TABLE_ROWS),
                           description=f"pathways of run {run_id}" + (f": the first {TABLE_ROWS} of {len(rows)} rows; "
                           "all of them in integrated/summary.csv" if len(rows) > TABLE_ROWS else ""))
-    create_markdown_artifact(key="pathflow-report", markdown=md, description=f"report of run {run_id}")
+    shown = md if len(records) <= REPORT_FEATURES else (
+        report_md(records[:REPORT_FEATURES], run_id) + f"\n… and {len(records) - REPORT_FEATURES} more features: "
+        f"`{run.url}/integrated/report.md`, and the report at `{run.url}/integrated/report.html`.\n")
+    create_markdown_artifact(key="pathflow-report", markdown=shown, description=f"report of run {run_id}")
     return records

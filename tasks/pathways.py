@@ -27,7 +27,7 @@ from pathflow.errors import PathflowError
 from pathflow.pathways import Batch, phase_a, phase_b, phase_c
 from pathflow.preflight import prompt_positions
 from pathflow.study import load_prompts, model_layers, sae_width
-from storage.arrays import create_jacobians, open_jacobians, write_rows
+from storage.arrays import activation_writer, create_jacobians, open_jacobians, write_activation, write_rows
 
 from .common import open_run
 
@@ -100,7 +100,7 @@ def prepare_jacobians(cfg: Config, store_url: str, run_id: str, targets: list[di
         n_layers, d_sae, prompts = ctx.n_layers, ctx.saes[targets[0]["layer"]].d_sae, list(ctx.prompt_ids)
     positions = {k: v["position"] for k, v in prompt_positions(cfg).items()}
     create_jacobians(run.zarr_store("jacobians.zarr"), [t["feature"] for t in targets], prompts, n_layers, d_sae,
-                     positions)
+                     positions, keepbits=cfg.gradients.keepbits, writer=activation_writer(targets))
 
 
 @task(name="pathways", task_run_name="pathways-{batch.name}", tags=["gpu"], cache_policy=NONE,
@@ -131,8 +131,10 @@ def batch_pathways(cfg: Config, store_url: str, run_id: str, batch: Batch) -> di
             interrupt.check()
             sub = Batch(name=f"{batch.name}.{j}", layer=batch.layer, targets=list(part))
             bj = phase_a(ctx.model, ctx.saes, prefixes, sub, ctx.n_layers, ctx.device, backoff=False)
-            write_rows(open_jacobians(run.zarr_store("jacobians.zarr")), [t["index"] for t in sub.targets],
-                       bj.grad, bj.attribution)
+            group = open_jacobians(run.zarr_store("jacobians.zarr"))
+            write_rows(group, [t["index"] for t in sub.targets], bj.grad)
+            if j == 0 and group.attrs.get("activation_writer") == batch.name:  # stored once, by one batch
+                write_activation(group, bj.activation)
             c = phase_b(bj, cfg.topk.k, cfg.topk.score, cfg.topk.min_abs_gradient)
             validated.update(phase_c(ctx.model, ctx.saes, prefixes, sub, c, cfg.replay, backoff=False,
                                       max_rows=size if attempt > 1 else None))

@@ -11,13 +11,13 @@ from pathflow.config import Config
 from pathflow.context import get_context
 from pathflow.model import unembed
 from pathflow.study import collect_responses
-from pathflow.tokens import changes, feature_reads, writes
+from pathflow.tokens import changes, feature_reads, reading_plan, writes
 
 from .common import open_run, step
 
 METHOD = {
     "writes": "logit lens: W_U @ (W_D[i]/s ⊙ final norm weight); top promoted and suppressed tokens",
-    "reads": "largest activations over the study prompts and a sample of each feature's logged responses",
+    "reads": "largest activations over the study prompts and a sample of each feature's distinct logged responses",
     "histogram": "activations of the feature over every token of the texts 'reads' scans: counts of the active "
                  "(> 0) ones in equal bins from 0 to the largest",
     "changes": "log-odds ratio with an informative Dirichlet prior (Monroe et al. 2008) of token ids in "
@@ -36,26 +36,32 @@ def token_associations(cfg: Config, store_url: str, run_id: str, features: list[
         prompts = list(ctx.prompts.values())
         # responses are cut to tokens.max_tokens; the prompts are read whole
         max_tokens = max([tc.max_tokens] + [int(ids.shape[1]) for ids in ctx.prompt_ids.values()])
-        out = {}
+        # one pass over every distinct text (the prompts once for all features, each sampled response
+        # once), each feature read from its own texts; responses are distinct and cut in characters first
+        keys = [(f["layer"], f["feature_id"]) for f in features]
+        samples = []
         for f in features:
-            name, key = f["feature"], (f["layer"], f["feature_id"])
-            by_cond = logged.get(name, {})
-            pool = [t for texts in by_cond.values() for t in texts]
-            sample = random.Random(name).sample(pool, min(tc.responses, len(pool)))
-            texts = prompts + [t[: 8 * tc.max_tokens] for t in sample]  # characters: bounded before tokenizing
-            scan = feature_reads(ctx.model, ctx.saes, ctx.tokenizer, texts, [key], tc.top, tc.window,
-                                 max_tokens=max_tokens)[key]
-            reads = scan["maxima"]
+            pool = [t for texts in logged.get(f["feature"], {}).values() for t in texts]
+            pool = [t for t in dict.fromkeys(t[: 8 * tc.max_tokens] for t in pool) if t not in prompts]
+            samples.append(random.Random(f["feature"]).sample(pool, min(tc.responses, len(pool))))
+        texts, readers, views = reading_plan(prompts, samples)
+        scans = feature_reads(ctx.model, ctx.saes, ctx.tokenizer, texts, keys, tc.top, tc.window,
+                              batch_size=tc.batch_size, max_tokens=max_tokens, readers=readers)
+        out = {}
+        for f, key, view in zip(features, keys, views):
+            name, by_cond = f["feature"], logged.get(f["feature"], {})
+            local = {t: i for i, t in enumerate(view)}  # text numbers as the feature sees them: prompts first
+            reads = scans[key]["maxima"]
             for r in reads:
+                r["text"] = local[r["text"]]
                 r["source"] = "prompt" if r["text"] < len(prompts) else "response"
-            views = {
+            out[name] = {
                 "writes": writes(ctx.saes[f["layer"]], f["feature_id"], norm_w, W_U, ctx.tokenizer, tc.top),
                 "reads": reads,
-                "histogram": scan["histogram"],
+                "histogram": scans[key]["histogram"],
                 "changes": {f"{a}_vs_{b}": changes(ctx.tokenizer, by_cond.get(a, []), by_cond.get(b, []), tc.top,
                                                    tc.alpha0)
                             for a, b in tc.contrasts if by_cond.get(a) and by_cond.get(b)},
             }
-            out[name] = views
         run.write_json("tokens/token_associations.json", {"method": METHOD, "features": out})
     return out

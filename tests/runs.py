@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from storage.arrays import attribution
+
 from .conftest import clean_env
 
 
@@ -31,7 +33,7 @@ def science(run_dir: Path) -> dict:
     feats = json.loads((run_dir / "integrated" / "features.json").read_text())["features"]
     return {
         "grad": g["grad"][:],
-        "attribution": g["attribution"][:],
+        "attribution": attribution(g),
         "targets": g.attrs["targets"],
         "ranking": {f: {p: [c["feature"] for c in r["candidates"]] for p, r in pp.items()} for f, pp in val.items()},
         "actual": {

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import zarr
 
+from storage.arrays import attribution
+
 PATHFLOW = [sys.executable, "-m", "pathflow"]
 DESIGN_FILES = [
     "audit/data_validation.json",
@@ -51,17 +53,20 @@ def check_run(run_dir: Path) -> dict:
     g = zarr.open_group(str(run_dir / "jacobians.zarr"), mode="r")
     assert g.attrs["targets"] == [target["feature"]] and g.attrs["prompts"] == ["safe", "risky"]
     n_layers = len(g.attrs["layers"])
-    for name in ("grad", "attribution"):
-        a = g[name]
-        assert a.dtype == np.float32 and a.shape[:3] == (1, 2, n_layers)
-        v = a[:]
-        assert np.isfinite(v[:, :, : target["layer"]]).all()  # upstream layers computed
-        assert np.isnan(v[:, :, target["layer"] :]).all()  # the target's own layer and above: not computed
-    # the candidates of the run are the top |attribution| entries of the stored array
+    v = g["grad"][:]
+    assert v.dtype == np.float32 and v.shape[:3] == (1, 2, n_layers)
+    assert np.isfinite(v[:, :, : target["layer"]]).all()  # upstream layers computed
+    assert np.isnan(v[:, :, target["layer"] :]).all()  # the target's own layer and above: not computed
+    act = g["activation"][:]  # stored once for every target
+    assert act.shape == (2, n_layers, v.shape[3]) and np.isfinite(act[:, : target["layer"]]).all()
+    # the candidates of the run are the top |attribution| entries of the stored arrays (kept to
+    # gradients.keepbits mantissa bits: equal up to that rounding)
     cands = json.loads((run_dir / "pathways/candidates.json").read_text())["targets"][target["feature"]]["safe"]
-    attr = g["attribution"][0, 0]
-    best = np.unravel_index(np.nanargmax(np.abs(attr)), attr.shape)
-    assert (cands[0]["layer"], cands[0]["feature_id"]) == tuple(int(i) for i in best)
+    attr = attribution(g, 0)[0]
+    tol = 2.0 ** -(g.attrs["keepbits"] - 1)
+    top = cands[0]
+    assert attr[top["layer"], top["feature_id"]] == pytest.approx(top["attribution"], rel=tol)
+    assert np.nanmax(np.abs(attr)) <= abs(top["attribution"]) * (1 + tol)
     return proto
 
 

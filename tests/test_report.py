@@ -196,3 +196,38 @@ def test_neuronpedia_link_template(tmp_path):
     page = feature_page(rec, "r1", "https://np.example/{layer}/{feature_id}")
     assert 'href="https://np.example/2/7"' in page
     assert "np.example" not in feature_page(rec, "r1", None)
+
+
+def test_index_at_study_size_in_headless_chromium(run_dir, tmp_path):
+    """1,536 features (the demo run's records repeated under new names): the index stays under 2 MB,
+    loads whole in Chromium and sorts; the load time is printed (timings are benchmarks' business)."""
+    require("/usr/bin/chromium", "node", str(UI / "node_modules" / "playwright-core"))
+    import copy
+    import random
+
+    from pathflow.report import index_page
+
+    base, rng, records = _records(run_dir), random.Random(0), []
+    for i in range(1536):
+        r = copy.deepcopy(base[i % len(base)])
+        r["layer"], r["feature_id"] = 1 + i // 512, i % 512
+        r["feature"] = f"L{r['layer']}-{r['feature_id']}"
+        r["direction"] = rng.choice(["safe", "risky"])
+        for cands in r["candidates"].values():
+            for c in cands:
+                c["predicted_change"] *= rng.uniform(0.5, 1.5)
+        records.append(r)
+    html = index_page(records, "20261201-000000-abcdef")
+    page = tmp_path / "report.html"
+    page.write_text(html)
+    assert len(html.encode()) <= 2 * 2**20, len(html.encode())
+    out = subprocess.run(["node", str(UI / "report_pages.mjs"), str(page), str(tmp_path), "index-only"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "error" not in seen and seen["errors"] == [], seen
+    assert len(seen["features"]) == 1536
+    assert seen["layers_desc"] == sorted(seen["layers_desc"], reverse=True)
+    assert seen["shown"] == f"{sum(r['direction'] == 'risky' for r in records)} of 1536 shown"
+    print(f"index of 1,536 features: {len(html.encode()) / 2**20:.2f} MiB, loaded in {seen['index_load_ms']} ms, "
+          f"sorted in {seen['sort_ms']} ms")

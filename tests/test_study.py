@@ -1,6 +1,7 @@
 """Steps 0–1 (basic): cumulative checkpoints, both schemas, selection; the real CSV."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +98,27 @@ def test_real_summary_csv_counts():
     got = {c: sum(r.direction == c for r in feats.values()) for c in ("safe", "risky", "neutral")}
     assert got == expected and not f.errors
     assert {r.layer for r in feats.values()} == set(range(25, 32))
+
+
+def test_a_remembered_audit_is_taken_once_and_only_for_unchanged_files(demo_cfg, tmp_path, monkeypatch):
+    """`pathflow run` audits before its server starts and its flow's audit step takes that result:
+    once, and never when a study file changed in between."""
+    import shutil
+
+    from pathflow import study
+
+    calls = []
+    real = study._audit
+    monkeypatch.setattr(study, "_audit", lambda cfg, progress: calls.append(1) or real(cfg, progress))
+    src = Path(demo_cfg.study.checkpoints[0])
+    ck = tmp_path / "checkpoints"
+    shutil.copytree(src, ck)
+    cfg = demo_cfg.model_copy(update={"study": demo_cfg.study.model_copy(update={"checkpoints": [str(ck)]})})
+    first = study.audit(cfg, remember=True)
+    assert study.audit(cfg) == first and len(calls) == 1  # taken again, not read again
+    assert study.audit(cfg) == first and len(calls) == 2  # once only
+    study.audit(cfg, remember=True)
+    f = sorted(ck.glob("*.json"))[-1]
+    f.write_text(f.read_text().replace('"cohen_d": ', '"cohen_d":  '))  # changed (and one byte longer)
+    changed = study.audit(cfg)
+    assert len(calls) == 4 and changed[0]["counts"] == first[0]["counts"]

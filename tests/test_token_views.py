@@ -127,3 +127,37 @@ def test_feature_reads_histogram_and_coloured_windows_by_brute_force(ctx):
             assert [t["token"] for t in m["tokens"]] == [w[0] for w in want]
             assert [t["value"] for t in m["tokens"]] == pytest.approx([w[1] for w in want], rel=1e-4, abs=1e-5)
             assert max(t["value"] for t in m["tokens"]) == pytest.approx(m["value"], rel=1e-4)
+
+
+def test_one_pass_reads_equal_the_per_feature_path(ctx):
+    """The tokens step's one pass over every distinct text (prompts once, shared responses once, each
+    feature read only from its own texts) gives each feature what a pass over its own texts gives."""
+    from pathflow.tokens import feature_reads, reading_plan
+
+    prompts = list(ctx.prompts.values())
+    feats = [(2, 151), (3, 142), (1, 7), (2, 85)]
+    own = [["1\nBet $10", "2\nStop", "1\nBet $100 and then some more text"],
+           ["2\nStop", "1\nBet $30, then Bet $40"],  # "2\nStop" is shared with the first feature
+           [],
+           ["1\nBet $10", "You lost. Balance $20.", prompts[0]]]  # a prompt among its own texts: read once
+    texts, readers, views = reading_plan(prompts, own)
+    assert len(texts) == len(set(texts)) == len(prompts) + 5
+    assert [texts[i] for i in views[1]] == prompts + own[1] and views[3][-1] != views[0][0]
+    once = feature_reads(ctx.model, ctx.saes, ctx.tokenizer, texts, feats, top=5, window=2, batch_size=3,
+                         readers=readers, bins=6)
+    for j, f in enumerate(feats):
+        mine = [texts[i] for i in views[j]]
+        alone = feature_reads(ctx.model, ctx.saes, ctx.tokenizer, mine, [f], top=5, window=2, batch_size=1,
+                              bins=6)[f]
+        got = once[f]
+        local = {t: i for i, t in enumerate(views[j])}
+        assert [(local[h["text"]], h["position"]) for h in got["maxima"]] == \
+            [(h["text"], h["position"]) for h in alone["maxima"]], f
+        assert [h["value"] for h in got["maxima"]] == pytest.approx([h["value"] for h in alone["maxima"]],
+                                                                  rel=1e-4, abs=1e-5)
+        assert [[t["token"] for t in h["tokens"]] for h in got["maxima"]] == \
+            [[t["token"] for t in h["tokens"]] for h in alone["maxima"]]
+        for key in ("n_tokens", "n_active"):
+            assert got["histogram"][key] == alone["histogram"][key], (f, key)
+        assert got["histogram"]["edges"] == pytest.approx(alone["histogram"]["edges"], rel=1e-4, abs=1e-6)
+        assert sum(got["histogram"]["counts"]) == sum(alone["histogram"]["counts"])

@@ -1,9 +1,9 @@
 // Open a pathflow run's report in headless Chromium as a person would: the index, its filter and
 // sorting, then a feature's page through its link. Saves screenshots and prints JSON of what was seen.
-//   node report_pages.mjs REPORT_HTML OUT_DIR
+//   node report_pages.mjs REPORT_HTML OUT_DIR [index-only]
 import { chromium } from "playwright-core";
 
-const [report, outDir] = process.argv.slice(2);
+const [report, outDir, mode] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -21,6 +21,25 @@ try {
   seen.index_load_ms = Date.now() - t0;
   await page.screenshot({ path: `${outDir}/index.png`, fullPage: true });
   seen.features = await texts("#features tbody tr td:first-child");
+  if (mode === "index-only") {  // the index at study size: loaded, complete, and sortable
+    const t1 = Date.now();
+    await page.locator("#features thead th", { hasText: /^layer$/ }).click();
+    seen.sort_ms = Date.now() - t1;
+    seen.layers_desc = (await texts("#features tbody tr td:nth-child(2)")).map(Number);
+    await page.fill("#filter", "risky");
+    seen.shown = await page.textContent("#shown");
+  } else {
+    await featurePages();
+  }
+} catch (e) {
+  seen.error = String(e);
+  await page.screenshot({ path: `${outDir}/error.png`, fullPage: true });
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(seen));
+
+async function featurePages() {
   // sort by layer: descending first, then ascending
   const layerHeader = page.locator("#features thead th", { hasText: /^layer$/ });
   await layerHeader.click();
@@ -65,10 +84,4 @@ try {
   await page.click("a:text('all features of run')");
   await page.waitForLoadState("load");
   seen.back_to = page.url();
-} catch (e) {
-  seen.error = String(e);
-  await page.screenshot({ path: `${outDir}/error.png`, fullPage: true });
-} finally {
-  await browser.close();
 }
-console.log(JSON.stringify(seen));

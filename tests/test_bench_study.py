@@ -1,0 +1,38 @@
+"""The study-scale benchmark at a small N (CI): it builds a study in the real formats, runs the whole
+flow through `pathflow run`, and reports steps, overhead, bytes and the projection to real shapes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import clean_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_study_small(demo_dir, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_study.py"), "--features", "20", "--demo",
+                        str(demo_dir), "--keep", str(tmp_path)], capture_output=True, text=True, timeout=900,
+                       env=clean_env())
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    assert out["features"] == out["targets_traced"] == 20
+    steps = out["seconds"]["steps"]
+    assert set(steps) == {"audit", "select", "pathways", "tokens", "integrate"} and all(v > 0 for v in steps.values())
+    assert 0 < out["seconds"]["outside_steps"] < out["seconds"]["run_wall"]
+    b = out["bytes"]
+    assert all(b[k] > 0 for k in ("jacobians.zarr/grad", "jacobians.zarr/activation", "tokens",
+                                  "integrated/report.html (index)", "integrated/features (pages)"))
+    assert b["total"] >= sum(v for k, v in b.items() if k != "total")
+    p = out["projected_real"]
+    assert p["keepbits"] == 7 and 0.5 < p["grad_bytes_per_value"] < 4.0
+    # the projection is the measured bytes per stored value times the real study's values
+    values = 1550 * 2 * 16 * 32768
+    assert abs(p["jacobians_zarr_bytes"] - p["grad_bytes_per_value"] * values) < 0.01 * p["jacobians_zarr_bytes"]
+    (run_dir,) = (tmp_path / "store-20" / "runs").iterdir()
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
+    # the study it made is in the real formats: cumulative checkpoints, 10 trials x 6 conditions a feature
+    logs = [e for f in (tmp_path / "study-20" / "study" / "response_logs").glob("*.json")
+            for e in json.loads(f.read_text())]
+    assert len(logs) == 20 * 10 * 6 and {e["condition"] for e in logs} >= {"safe_baseline", "risky_with_risky_patch"}
