@@ -3,6 +3,7 @@
     python benchmarks/bench_pathways.py --preset cpu-small      # runs here in about a minute
     python benchmarks/bench_pathways.py --preset llama31-8b     # real 8B shapes, bf16, on a GPU
 
+Every time is the minimum over interleaved rounds (each measure once per round, in turn).
 Compares, per target, pathflow's Jacobian (one token against the cached prompt, k targets per
 backward) with a plain batch-1 forward+backward of the prompt and with the naive reference (the
 SAE spliced into a full forward at every upstream layer, one backward per target); and, per
@@ -16,7 +17,6 @@ import argparse
 import json
 import math
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,17 +48,21 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeat=1):
-    """Median wall time of ``fn`` over ``repeat`` runs, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        sync(device)
-        t = time.perf_counter()
+def interleaved(fns: dict, device, rounds: int = 3) -> dict[str, float]:
+    """The minimum wall time of each of ``fns`` over ``rounds`` rounds that run every one in turn,
+    after one warm-up each: a stall of the machine (this one stalls for a second at times) hits one
+    sample of one measure, and the minimum drops it; a median of two or three would not."""
+    for fn in fns.values():
         fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: min(ts) for name, ts in times.items()}
 
 
 def peak_memory(device) -> int:
@@ -115,6 +119,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--targets", type=int, help="targets timed (default: the preset's)")
     ap.add_argument("--batch", type=int, help="targets per backward (default: the preset's)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override the preset's dtype")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each time is the minimum")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
     p = {**p, "dtype": args.dtype or p["dtype"]}
@@ -144,9 +149,6 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             run(model, ids)
 
-    t_plain = timed(plain, device, 3)
-    t_forward = timed(forward, device, 3)
-
     prefix = prefix_cache(model, ids)
     feats = torch.randint(0, d_sae, (n_targets,)).tolist()
 
@@ -156,17 +158,20 @@ def main(argv=None) -> dict:
             out = jacobians(model, saes, ids, layer, feats[i : i + batch], prefix=prefix)
         return out
 
-    t_jac_total = timed(jac_all, device, 2)
-    by_batch = {}  # how the per-target cost falls with the batch (the knob OOM back-off halves)
-    for b in sorted({1, 4, batch, 2 * batch} - {0}):
-        if b <= n_targets:
-            by_batch[b] = timed(lambda b=b: jacobians(model, saes, ids, layer, feats[:b], prefix=prefix), device, 2) / b
-    t_prefix = timed(lambda: prefix_cache(model, ids), device, 2)
-    t_naive = timed(lambda: [naive_jacobian(model, saes, ids, layer, f) for f in feats[: p["naive_targets"]]],
-                    device, 1) / p["naive_targets"]
     tj = jacobians(model, saes, ids, layer, feats[:1], prefix=prefix)
     cands = top_candidates(tj.grad[0], tj.activation, tj.layers, k=p["candidates"])
-    t_replay = timed(lambda: replay(model, saes, ids, layer, feats[0], cands, prefix=prefix), device, 3)
+    sizes = sorted({1, 4, batch, 2 * batch} - {0})
+    t = interleaved({
+        "plain": plain, "forward": forward, "jac_all": jac_all,
+        "prefix": lambda: prefix_cache(model, ids),
+        "naive": lambda: [naive_jacobian(model, saes, ids, layer, f) for f in feats[: p["naive_targets"]]],
+        "replay": lambda: replay(model, saes, ids, layer, feats[0], cands, prefix=prefix),
+        **{f"batch{b}": (lambda b=b: jacobians(model, saes, ids, layer, feats[:b], prefix=prefix))
+           for b in sizes if b <= n_targets},
+    }, device, args.rounds)
+    t_plain, t_forward, t_jac_total, t_prefix = t["plain"], t["forward"], t["jac_all"], t["prefix"]
+    t_naive, t_replay = t["naive"] / p["naive_targets"], t["replay"]
+    by_batch = {b: t[f"batch{b}"] / b for b in sizes if b <= n_targets}  # per-target cost against the batch
     per_cand = t_replay / max(1, len(cands))
     jac_per_target = t_jac_total / n_targets
     peak = peak_memory(device)

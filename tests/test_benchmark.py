@@ -17,3 +17,18 @@ def test_cpu_benchmark_reports_ratios():
                 "peak_memory_bytes"):
         assert result[key] > 0, key
     assert result["shapes"]["targets"] == 4 and result["shapes"]["candidates"] == 25
+
+
+def test_study_gpu_benchmark_runs_its_code_path_on_a_cpu():
+    """benchmarks/gpu_8b.sh's second script, at the cpu-small preset: every phase measured, the full run
+    projected from each layer's cost per target."""
+    script = SCRIPT.parent / "bench_study_gpu.py"
+    out = subprocess.run([sys.executable, str(script), "--preset", "cpu-small", "--targets", "14", "--budget-s", "1",
+                          "--token-features", "4", "--responses", "8"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout[out.stdout.index("{"):])
+    m, proj = result["seconds"]["measured"], result["projected_full_run_seconds"]
+    assert m["targets"] >= 7 and all(m[k] > 0 for k in ("phase_a", "phase_b", "phase_c", "tokens"))
+    assert set(result["seconds"]["per_target_by_layer"]) == {str(l) for l in range(1, 8)}  # every layer sampled
+    assert proj["total"] == sum(proj[k] for k in ("phase_a", "phase_b", "phase_c", "tokens"))
+    assert proj["phase_a"] >= m["phase_a"] * 0.99 and result["peak_memory_bytes"] > 0

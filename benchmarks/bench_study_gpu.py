@@ -1,0 +1,153 @@
+"""The study's model work at the real shapes with random weights, on one device: phases A (Jacobians),
+B (top-k) and C (replay) over 1,550 targets in layers 1–31 on two prompts, and the tokens step's one-pass
+read, with 32 distinct 32K-wide SAEs in bf16 (preset llama31-8b). Prints seconds per phase, peak memory
+and the projected full run; JSON last.
+
+    python benchmarks/bench_study_gpu.py --preset llama31-8b --budget-s 240   # a GPU (H100/H200)
+    python benchmarks/bench_study_gpu.py --preset cpu-small --budget-s 30     # the same code, small, here
+
+Nothing is downloaded: the model, SAEs, prompts and tokenizer are made in memory. Within ``--budget-s``
+it traces batches taken in turn from every layer (so the sample spans shallow and deep targets), then
+projects phases A–C to all targets from each layer's measured cost per target; the tokens step reads the
+two prompts and --responses distinct synthetic responses for --token-features features and is projected
+to every feature by its texts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_pathways import PRESETS, make_model, make_sae, peak_memory, sync  # noqa: E402
+
+from pathflow.config import ReplayConfig  # noqa: E402
+from pathflow.demo import _corpus, _game_prompt, _tokenizer  # noqa: E402
+from pathflow.model import prefix_cache  # noqa: E402
+from pathflow.pathways import phase_a, phase_b, phase_c, plan_batches  # noqa: E402
+from pathflow.tokens import feature_reads, reading_plan  # noqa: E402
+
+STUDY = {"llama31-8b": {"targets": 1550, "batch": 32}, "cpu-small": {"targets": 70, "batch": 8}}
+
+
+def responses(rng: random.Random, n: int) -> list[str]:
+    """Distinct answers shaped like the study's logs: half short choices, half a few game lines."""
+    out: set[str] = set()
+    while len(out) < n:
+        if rng.random() < 0.5:
+            out.add(f"{rng.choice(['1', '2'])}\n{rng.choice(['Bet', 'Stop', 'I stop'])} ${rng.randint(1, 500)}")
+        else:
+            hist = [(rng.choice([5, 10, 20, 50]), rng.random() < 0.3) for _ in range(rng.randint(1, 4))]
+            out.add(_game_prompt(hist, rng.randint(20, 300), "Bet $10")[-rng.randint(60, 400):])
+    return sorted(out)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=sorted(STUDY), default="cpu-small")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--targets", type=int, help="targets of the study (default: the preset's, 1,550 for 8B)")
+    ap.add_argument("--batch", type=int, help="targets per batch (gradients.batch_size)")
+    ap.add_argument("--budget-s", type=float, default=240.0, help="seconds of phases A–C before projecting")
+    ap.add_argument("--token-features", type=int, default=200)
+    ap.add_argument("--responses", type=int, default=64)
+    args = ap.parse_args(argv)
+    p, study = PRESETS[args.preset], STUDY[args.preset]
+    device, dtype = torch.device(args.device), getattr(torch, p["dtype"])
+    n_targets, batch_size = args.targets or study["targets"], args.batch or study["batch"]
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    t0 = time.perf_counter()
+    model = make_model(p["model"], dtype, device)
+    d_model, n_layers = p["model"]["hidden_size"], p["model"]["num_hidden_layers"]
+    d_sae = p["expansion"] * d_model
+    saes = {l: make_sae(l, d_model, d_sae, dtype, device) for l in range(n_layers)}  # distinct, as in the study
+    tok = _tokenizer(_corpus(rng), 384)
+    prompts = {"safe": _game_prompt([(10, True), (10, False), (10, True)], 100, "Bet $10"),
+               "risky": _game_prompt([(10, True), (90, False), (10, False)], 100, "Bet (choose $5-$100)")}
+    ids = {k: torch.tensor([tok(v).input_ids], device=device) for k, v in prompts.items()}
+    prefixes = {k: prefix_cache(model, v) for k, v in ids.items()}
+    sync(device)
+    setup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # 1,550 targets spread evenly over layers 1..n-1, as the study's selection is
+    layers = list(range(1, n_layers))
+    targets = [{"feature": f"L{layers[i % len(layers)]}-{rng.randrange(d_sae)}", "layer": layers[i % len(layers)]}
+               for i in range(n_targets)]
+    for i, t in enumerate(targets):
+        t.update(feature_id=int(t["feature"].split("-")[1]), index=i)
+    batches = plan_batches(targets, batch_size)
+    by_layer: dict[int, list] = {}
+    for b in batches:
+        by_layer.setdefault(b.layer, []).append(b)
+    order = [b for j in range(max(len(v) for v in by_layer.values())) for l in layers for b in by_layer[l][j:j + 1]]
+    rc = ReplayConfig()
+    cost = {l: {"targets": 0, "a": 0.0, "b": 0.0, "c": 0.0} for l in layers}
+    done, t_start = 0, time.perf_counter()
+    for b in order:
+        if time.perf_counter() - t_start > args.budget_s and all(cost[l]["targets"] for l in layers):
+            break
+        sync(device)
+        ta = time.perf_counter()
+        bj = phase_a(model, saes, prefixes, b, n_layers, device)
+        sync(device)
+        tb = time.perf_counter()
+        cands = phase_b(bj, k=25, score="attribution", min_abs_gradient=0.0)
+        tc = time.perf_counter()
+        phase_c(model, saes, prefixes, b, cands, rc)
+        sync(device)
+        td = time.perf_counter()
+        c = cost[b.layer]
+        c["targets"] += len(b.targets)
+        c["a"], c["b"], c["c"] = c["a"] + tb - ta, c["b"] + tc - tb, c["c"] + td - tc
+        done += len(b.targets)
+    per_layer_targets = {l: sum(len(b.targets) for b in by_layer[l]) for l in layers}
+    projected = {k: sum(cost[l][k] / cost[l]["targets"] * per_layer_targets[l] for l in layers if cost[l]["targets"])
+                 for k in ("a", "b", "c")}
+    measured = {k: sum(cost[l][k] for l in layers) for k in ("a", "b", "c")}
+
+    # the tokens step: one pass over the prompts and every feature's distinct responses
+    n_tok = min(args.token_features, n_targets)
+    own = [responses(random.Random(i), args.responses) for i in range(n_tok)]
+    texts, readers, _ = reading_plan(list(prompts.values()), own)
+    keys = [(t["layer"], t["feature_id"]) for t in targets[:n_tok]]
+    sync(device)
+    tt = time.perf_counter()
+    feature_reads(model, saes, tok, texts, keys, top=10, window=6, batch_size=64, max_tokens=512, readers=readers)
+    sync(device)
+    tokens_s = time.perf_counter() - tt
+    tokens_projected = tokens_s * (n_targets / n_tok)
+
+    result = {
+        "preset": args.preset,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "shapes": {"d_model": d_model, "n_layers": n_layers, "d_sae": d_sae, "dtype": p["dtype"], "targets": n_targets,
+                   "batch": batch_size, "prompt_tokens": {k: int(v.shape[1]) for k, v in ids.items()}},
+        "seconds": {"setup": setup_s, "measured": {"targets": done, "phase_a": measured["a"],
+                                                   "phase_b": measured["b"], "phase_c": measured["c"],
+                                                   "tokens": tokens_s, "tokens_features": n_tok,
+                                                   "tokens_texts": len(texts)},
+                    "per_target_by_layer": {l: (cost[l]["a"] + cost[l]["b"] + cost[l]["c"]) / cost[l]["targets"]
+                                            for l in layers if cost[l]["targets"]}},
+        "projected_full_run_seconds": {"phase_a": projected["a"], "phase_b": projected["b"],
+                                       "phase_c": projected["c"], "tokens": tokens_projected,
+                                       "total": sum(projected.values()) + tokens_projected},
+        "peak_memory_bytes": peak_memory(device),
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
