@@ -33,6 +33,19 @@ def wait_for(prefect_api, flow_run_id, timeout=300):
     return fr
 
 
+def run_on_a_worker(prefect_api, env, cwd, deployment: str, config) -> dict:
+    """Start a process worker in ``cwd``, run ``deployment`` with ``config`` through it; the flow run."""
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "pathflow-process",
+                               "--limit", "1"], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        out = prefect(["deployment", "run", deployment, "--param", f"config={config}"], env)
+        return wait_for(prefect_api, re.search(r"UUID: ([0-9a-f-]{36})", out).group(1))
+    finally:
+        worker.terminate()
+        worker.wait(30)
+
+
 def git(args, cwd):
     r = subprocess.run(["git", "-c", "user.name=pathflow-test", "-c", "user.email=test@pathflow.invalid", *args],
                        cwd=cwd, capture_output=True, text=True, timeout=120)
@@ -68,17 +81,8 @@ def test_git_deployment_runs_the_deployed_commit_on_a_worker(prefect_api, demo_d
                         json={"deployments": {"name": {"any_": ["pathways-git"]}}}).json()
     (step,) = dep["pull_steps"]
     assert step["prefect.deployments.steps.git_clone"] == {"repository": str(origin), "commit_sha": deployed}
-    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "pathflow-process",
-                               "--limit", "1"], cwd=home, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        out = prefect(["deployment", "run", "pathflow-run/pathways-git", "--param",
-                       f"config={demo_dir / 'config.yaml'}"], env)
-        fr = wait_for(prefect_api, re.search(r"UUID: ([0-9a-f-]{36})", out).group(1))
-        assert fr["state_type"] == "COMPLETED", fr
-    finally:
-        worker.terminate()
-        worker.wait(30)
+    fr = run_on_a_worker(prefect_api, env, home, "pathflow-run/pathways-git", demo_dir / "config.yaml")
+    assert fr["state_type"] == "COMPLETED", fr
     (run_dir,) = (store / "runs").iterdir()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "complete"
@@ -90,18 +94,9 @@ def test_deployment_runs_on_a_process_worker(prefect_api, demo_dir, tmp_path):
     env = clean_env(PREFECT_API_URL=prefect_api, PATHFLOW_PROJECT_DIR=str(ROOT), PATHFLOW_STORE=str(store))
     prefect(["work-pool", "create", "pathflow-process", "--type", "process", "--overwrite"], env)
     prefect(["--no-prompt", "deploy", "-n", "pathways-process"], env)
-    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "pathflow-process",
-                               "--limit", "1"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        out = prefect(["deployment", "run", "pathflow-run/pathways-process", "--param",
-                       f"config={demo_dir / 'config.yaml'}"], env)
-        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
-        fr = wait_for(prefect_api, flow_run_id)
-        assert fr["state_type"] == "COMPLETED", fr
-    finally:
-        worker.terminate()
-        worker.wait(30)
+    fr = run_on_a_worker(prefect_api, env, tmp_path, "pathflow-run/pathways-process", demo_dir / "config.yaml")
+    assert fr["state_type"] == "COMPLETED", fr
+    flow_run_id = fr["id"]
     arts = httpx.post(f"{prefect_api}/artifacts/filter",
                       json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}).json()
     by_key = {a["key"]: a for a in arts if a["key"]}
