@@ -30,7 +30,7 @@ def test_bench_study_small(demo_dir, tmp_path):
     # the projection is the measured bytes per stored value times the real study's values
     values = 1550 * 2 * 16 * 32768
     assert abs(p["jacobians_zarr_bytes"] - p["grad_bytes_per_value"] * values) < 0.01 * p["jacobians_zarr_bytes"]
-    (run_dir,) = (tmp_path / "store-20" / "runs").iterdir()
+    (run_dir,) = (tmp_path / "store-20" / "0" / "runs").iterdir()
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
     # the study it made is in the real formats: cumulative checkpoints, 10 trials x 6 conditions a feature
     logs = [e for f in (tmp_path / "study-20" / "study" / "response_logs").glob("*.json")
