@@ -12,7 +12,7 @@ from pathflow.integrate import feature_record, report_md, summary_rows, to_csv
 from pathflow.report import attribution_graph, report_pages
 from pathflow.tokens import token_text
 
-from .common import open_run, step
+from .common import browse_url, open_run, step
 
 TABLE_ROWS = 50  # the UI's table stays readable; integrated/summary.csv has every row
 REPORT_FEATURES = 20  # features in the markdown artifact; integrated/report.md and the report pages have all
@@ -23,6 +23,17 @@ TABLE_COLUMNS = ("feature", "direction", "prompt", "n_validated", "n_candidates"
 def table_rows(rows: list[dict], limit: int) -> list[dict]:
     """Summary rows for a Prefect table artifact: the columns that fit a screen, numbers to 3 digits."""
     return [{k: round(r[k], 3) if isinstance(r[k], float) else r[k] for k in TABLE_COLUMNS} for r in rows[:limit]]
+
+
+def table_description(run, n_rows: int) -> str:
+    """The table artifact's caption: when rows were left out, where all of them are (a link where the
+    store has a web page)."""
+    if n_rows <= TABLE_ROWS:
+        return f"pathways of run {run.run_id}"
+    page = browse_url(run)
+    rest = (f"[integrated/summary.csv]({page.rstrip('/')}/integrated/)" if page
+            else f"`{run.url}/integrated/summary.csv`")
+    return f"pathways of run {run.run_id}: the first {TABLE_ROWS} of {n_rows} rows; all of them in {rest}"
 
 
 @task(name="integrate", task_run_name="integrate", cache_policy=NONE)
@@ -47,8 +58,7 @@ def integrate_features(cfg: Config, store_url: str, run_id: str, targets: list[d
                                           run_id)
                 run.write_json(f"integrated/graphs/{r['feature']}_{prompt}.json", graph)
     create_table_artifact(key="pathflow-pathways", table=table_rows(rows, TABLE_ROWS),
-                          description=f"pathways of run {run_id}" + (f": the first {TABLE_ROWS} of {len(rows)} rows; "
-                          "all of them in integrated/summary.csv" if len(rows) > TABLE_ROWS else ""))
+                          description=table_description(run, len(rows)))
     shown = md if len(records) <= REPORT_FEATURES else (
         report_md(records[:REPORT_FEATURES], run_id) + f"\n… and {len(records) - REPORT_FEATURES} more features: "
         f"`{run.url}/integrated/report.md`, and the report at `{run.url}/integrated/report.html`.\n")

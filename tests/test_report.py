@@ -231,3 +231,21 @@ def test_index_at_study_size_in_headless_chromium(run_dir, tmp_path):
     assert seen["shown"] == f"{sum(r['direction'] == 'risky' for r in records)} of 1536 shown"
     print(f"index of 1,536 features: {len(html.encode()) / 2**20:.2f} MiB, loaded in {seen['index_load_ms']} ms, "
           f"sorted in {seen['sort_ms']} ms")
+
+
+def test_prefect_table_at_study_size_is_readable(tmp_path):
+    """3,072 summary rows: the table artifact shows the first 50, numbers to 3 digits, and says where
+    every row is (a link where the store has a web page)."""
+    from storage.store import Store
+    from tasks.integrate import TABLE_COLUMNS, TABLE_ROWS, table_description, table_rows
+
+    rows = [{"feature": f"L{1 + i // 1024}-{i % 1024}", "direction": "risky", "prompt": "safe", "n_validated": 3,
+             "n_candidates": 25, "sign_agreement": 0.9990456001341972, "spearman": -0.123456, "top_upstream": "L0-5",
+             "pearson": 0.5, "validated": True} for i in range(3072)]
+    shown = table_rows(rows, TABLE_ROWS)
+    assert len(shown) == 50 and all(list(r) == list(TABLE_COLUMNS) for r in shown)
+    assert shown[0]["sign_agreement"] == 0.999 and shown[0]["spearman"] == -0.123
+    run = Store(str(tmp_path / "store")).run("20261201-000000-abcdef")
+    text = table_description(run, len(rows))
+    assert "the first 50 of 3072 rows" in text and f"{run.url}/integrated/summary.csv" in text
+    assert table_description(run, 40) == f"pathways of run {run.run_id}"
