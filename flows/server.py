@@ -77,8 +77,6 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 60.0) -> Non
                         "set PREFECT_API_URL to a running server instead")
 
 
-
-
 def early_server() -> tuple[subprocess.Popen, str] | None:
     """A temporary server launched now, for ``prefect_api(early)`` later, when no PREFECT_API_URL is
     set (None otherwise): it boots while the command imports the flows."""

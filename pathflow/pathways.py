@@ -33,6 +33,16 @@ class Batch:
     targets: list[dict]  # step-1 records with "feature", "layer", "feature_id" and "index" (row in the arrays)
 
 
+def batch_name(layer: int, j: int) -> str:
+    return f"L{layer}-batch{j}"
+
+
+def activation_writer(targets: list[dict]) -> str:
+    """The batch that stores the upstream activations (the same for every target): the first of the
+    deepest layer, whose upstream layers are every layer any target reads."""
+    return batch_name(max(t["layer"] for t in targets), 0)
+
+
 def plan_batches(targets: list[dict], batch_size: int) -> list[Batch]:
     """Group targets by layer (ascending) and cut each layer into batches of ``batch_size``."""
     by_layer: dict[int, list[dict]] = {}
@@ -41,7 +51,7 @@ def plan_batches(targets: list[dict], batch_size: int) -> list[Batch]:
     out = []
     for layer in sorted(by_layer):
         for j, part in enumerate(chunks(by_layer[layer], batch_size)):
-            out.append(Batch(name=f"L{layer}-batch{j}", layer=layer, targets=list(part)))
+            out.append(Batch(name=batch_name(layer, j), layer=layer, targets=list(part)))
     return out
 
 

@@ -280,7 +280,7 @@ def attribution_graph(record: dict, prompt: str, prompt_tokens: list[str], scan:
                 "clerp": clerp,
                 "influence": influence, "activation": activation}
 
-    cands = (record.get("candidates") or record["pathways"])[prompt]
+    cands = _candidates(record, prompt)
     target = node(record["layer"], record["feature_id"], clerp=f"target {record['feature']} ({record['direction']})")
     nodes = [target] + [node(c["layer"], c["feature_id"], c["activation"],
                              f"{c['feature']}: replayed Δ{c['actual_change']:+.3g}"

@@ -146,6 +146,7 @@ def feature_reads(model, saes, tokenizer, texts: list[str], features: list[tuple
                     row, p = i // width, i % width
                     lo, hi = max(0, p - window), min(len(chunk[row]), p + window + 1)
                     best[j].append((v, start + row, p, a[row, lo:hi].tolist()))
+    special = set(tokenizer.all_special_ids)
     out = {}
     for j, f in enumerate(features):
         hits = sorted(best[j], key=lambda h: (-h[0], h[1], h[2]))[:top]
@@ -159,7 +160,7 @@ def feature_reads(model, saes, tokenizer, texts: list[str], features: list[tuple
                 + token_text(tokenizer, enc[t][p]) + "⟧" + tokenizer.decode(enc[t][p + 1 : p + 1 + window],
                                                                           skip_special_tokens=True),
                 "tokens": [{"token": token_text(tokenizer, i), "value": a} for i, a in zip(ids, values)
-                           if i not in tokenizer.all_special_ids],
+                           if i not in special],
             })
         on = torch.cat(active[j]) if active[j] else torch.zeros(0)
         top_value = float(on.max()) if on.numel() else 0.0

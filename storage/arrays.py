@@ -5,7 +5,7 @@
   target row: the batch that computes a target owns its chunk, so writers never share one.
 - ``activation`` [prompt, layer, feature]: the upstream activations f at each prompt's position. They
   are the same for every target, so they are stored once (one chunk per prompt), by one batch, the
-  ``activation_writer`` in the attributes.
+  ``activation_writer`` in the attributes (``pathflow.pathways.activation_writer``).
 - ``attribution = −grad ⊙ activation`` (the predicted effect of ablating a feature) is not stored: it
   is a product of two stored arrays; ``attribution(group, rows)`` forms it for the rows asked for.
 
@@ -34,12 +34,6 @@ ARRAYS = ("grad", "activation")
 # 2.10 with plain Zstd and 3.6 lossless)
 COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=4)
 DIMS = {"grad": ("target", "prompt", "layer", "feature"), "activation": ("prompt", "layer", "feature")}
-
-
-def activation_writer(targets: list[dict]) -> str:
-    """The batch that writes ``activation``: the first of the deepest layer, whose upstream layers are
-    every layer any target reads (batch names as ``pathflow.pathways.plan_batches`` makes them)."""
-    return f"L{max(t['layer'] for t in targets)}-batch0"
 
 
 def create_jacobians(store, targets: list[str], prompts: list[str], n_layers: int, d_sae: int,

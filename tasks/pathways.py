@@ -24,10 +24,10 @@ from pathflow.batching import batch_size_for_attempt, chunks, is_oom
 from pathflow.config import Config
 from pathflow.context import get_context
 from pathflow.errors import PathflowError
-from pathflow.pathways import Batch, phase_a, phase_b, phase_c
+from pathflow.pathways import Batch, activation_writer, phase_a, phase_b, phase_c
 from pathflow.preflight import prompt_positions
 from pathflow.study import load_prompts, model_layers, sae_width
-from storage.arrays import activation_writer, create_jacobians, open_jacobians, write_activation, write_rows
+from storage.arrays import create_jacobians, open_jacobians, write_activation, write_rows
 
 from .common import open_run
 
