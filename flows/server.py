@@ -109,7 +109,7 @@ def prefect_api(early: tuple[subprocess.Popen, str] | None = None) -> Iterator[s
     """The API flows of this command report to: ``PREFECT_API_URL`` when set, else a temporary
     server for the duration of the block (``early``: one ``early_server`` launched). Yields the URL
     (None: the caller's own setting)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     if early is None and PREFECT_API_URL.value():
         yield None
@@ -117,7 +117,9 @@ def prefect_api(early: tuple[subprocess.Popen, str] | None = None) -> Iterator[s
     proc, url = early or launch_server()
     try:
         wait_healthy(proc, url)
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        # no heartbeats: they tell a lasting server that a run's process died; this server dies with
+        # it, and stopping the heartbeat thread kept the run waiting up to a second at its end
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             try:
                 yield url
             finally:

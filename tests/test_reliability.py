@@ -532,6 +532,28 @@ def _uvicorn_servers() -> set[int]:
     return {int(x) for x in out.stdout.split()}
 
 
+def test_a_check_that_fails_after_the_server_launched_stops_it(demo_cfg, tmp_path, capsys, monkeypatch):
+    """The temporary server boots while the command audits the study: an audit that stops the
+    command stops that server at once (in a caller's process too, where no parent-death signal
+    would), and nothing is written."""
+    from flows import server
+
+    launched = []
+    real = server.launch_server
+    monkeypatch.setattr(server, "early_server", lambda: launched.append(real()) or launched[-1])
+    bad = tmp_path / "more-checkpoints"
+    bad.mkdir()
+    (bad / "checkpoint_broken.json").write_text('{"results": [{"feature": "L2-7", "layer": 2}]}')
+    cfg = demo_cfg.model_copy(deep=True)
+    cfg.study.checkpoints = [*cfg.study.checkpoints, str(bad)]
+    store = tmp_path / "store"
+    code, out = call(["run", "-c", _cfg_file(cfg, tmp_path), "--store", store], capsys)
+    assert code == 1 and "the study audit found 1 errors" in out and "Traceback" not in out
+    (proc, _url), = launched
+    assert proc.poll() is not None, "the temporary Prefect server outlived the failed command"
+    assert not store.exists()
+
+
 @pytest.mark.parametrize("how", ["SIGINT-group", "SIGINT", "SIGTERM", "SIGKILL"])
 def test_interrupts_end_the_run_promptly_as_resumable(how, demo_dir, tmp_path):
     from .conftest import clean_env
