@@ -155,6 +155,28 @@ class TokensConfig(_Strict):
                             "within 4,096 padded tokens)")
 
 
+class DecisionConfig(_Strict):
+    bet: str = Field("1", min_length=1, description="the answer that bets: the token after the prompts' 'Choice: '")
+    stop: str = Field("2", min_length=1, description="the answer that stops; decision = logit(bet) − logit(stop) "
+                      "at the last prompt position (each must be one token of the tokenizer)")
+
+
+class GraphsConfig(_Strict):
+    max_targets: int | None = Field(32, ge=0, description="whole-prompt attribution graphs for this many of the "
+                                    "selected features (the strongest first, both directions in turn); null: all. "
+                                    "Each costs a backward over the whole prompt per kept node")
+    node_threshold: float = Field(0.8, gt=0.0, le=1.0, description="keep the nodes making up this fraction of "
+                                  "the influence on the outputs (circuit-tracer's default)")
+    edge_threshold: float = Field(0.98, gt=0.0, le=1.0, description="keep the edges making up this fraction of "
+                                  "the edge influence (circuit-tracer's default)")
+    max_nodes: int = Field(200, ge=1, description="at most this many feature and error nodes per graph, the most "
+                           "influential")
+    batch_size: int = Field(8, ge=1, description="outputs per batched backward over the whole prompt")
+    scan: str | None = Field(None, description="the SAE release the graphs name in circuit-tracer's 'scan' "
+                             "(default: sae.root's last part and sae.pattern, e.g. "
+                             "Llama-Scope/Llama3_1-8B-Base-LXR-8x)")
+
+
 NEURONPEDIA_LLAMASCOPE = "https://www.neuronpedia.org/llama3.1-8b/{layer}-llamascope-res-32k/{feature_id}"
 
 
@@ -198,6 +220,8 @@ class Config(_Strict):
     topk: TopkConfig = Field(default_factory=TopkConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     tokens: TokensConfig = Field(default_factory=TokensConfig)
+    decision: DecisionConfig = Field(default_factory=DecisionConfig)
+    graphs: GraphsConfig = Field(default_factory=GraphsConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
 

@@ -8,12 +8,13 @@ import io
 from .report import show_token
 
 
-def feature_record(selected: dict, study_values: dict, pathways: dict, tokens: dict) -> dict:
+def feature_record(selected: dict, study_values: dict, pathways: dict, tokens: dict,
+                   graphs: dict[str, str] | None = None) -> dict:
     """Join steps 1–4 for one feature.
 
     selected: the step-1 record; study_values: the study's own numbers for the feature;
     pathways: {prompt: {"faithfulness", "candidates": [replayed records]}};
-    tokens: the step-4 views of the feature.
+    tokens: the step-4 views of the feature; graphs: {prompt: slug} of its attribution graphs.
     """
     validated = {prompt: [c for c in p["candidates"] if c["validated"]] for prompt, p in pathways.items()}
     return {
@@ -28,6 +29,7 @@ def feature_record(selected: dict, study_values: dict, pathways: dict, tokens: d
         "pathways": validated,
         "candidates": {prompt: p["candidates"] for prompt, p in pathways.items()},
         "tokens": tokens,
+        "graphs": graphs or {},
     }
 
 

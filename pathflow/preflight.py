@@ -68,8 +68,18 @@ def check_saes(cfg: Config) -> None:
                             "fix sae.pattern or sae.root")
 
 
+def check_decision(cfg: Config) -> None:
+    """The decision's two answers must each be one token of the model's tokenizer."""
+    from .graphs import answer_id
+
+    tok = _tokenizer(cfg.model.name_or_path, cfg.model.revision)
+    answer_id(tok, cfg.decision.bet, "bet")
+    answer_id(tok, cfg.decision.stop, "stop")
+
+
 def preflight(cfg: Config) -> dict[str, dict]:
     """Everything checkable before work starts; returns ``prompt_positions``."""
     resolve_device(cfg.model.device)
     check_saes(cfg)
+    check_decision(cfg)
     return prompt_positions(cfg)

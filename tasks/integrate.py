@@ -1,4 +1,4 @@
-"""Step 5 as a Prefect task: integrated records, summary table, reports and viewer graphs."""
+"""Step 5 as a Prefect task: integrated records, summary table and reports."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from pathflow.config import Config
-from pathflow.context import get_context
 from pathflow.integrate import feature_record, report_md, summary_rows, to_csv
-from pathflow.report import attribution_graph, report_pages
-from pathflow.tokens import token_text
+from pathflow.report import report_pages
 
 from .common import browse_url, open_run, step
 
@@ -38,12 +36,12 @@ def table_description(run, n_rows: int) -> str:
 
 @task(name="integrate", task_run_name="integrate", cache_policy=NONE)
 def integrate_features(cfg: Config, store_url: str, run_id: str, targets: list[dict], study: dict,
-                       pathways: dict, tokens: dict) -> list[dict]:
+                       pathways: dict, tokens: dict, graphs: dict | None = None) -> list[dict]:
     run = open_run(store_url, run_id)
-    ctx = get_context(cfg)
+    graphs = graphs or {}
     with step(run, "integrate"):
-        records = [feature_record(t, study[t["feature"]]["values"], pathways[t["feature"]], tokens[t["feature"]])
-                   for t in targets]
+        records = [feature_record(t, study[t["feature"]]["values"], pathways[t["feature"]], tokens[t["feature"]],
+                                  graphs.get(t["feature"], {})) for t in targets]
         rows = summary_rows(records)
         run.write_json("integrated/features.json", {"run_id": run_id, "features": records})
         run.write_text("integrated/summary.csv", to_csv(rows))
@@ -51,12 +49,6 @@ def integrate_features(cfg: Config, store_url: str, run_id: str, targets: list[d
         run.write_text("integrated/report.md", md)
         for path, page in report_pages(records, run_id, cfg.report.neuronpedia_url).items():
             run.write_text(f"integrated/{path}", page)
-        for r in records:
-            for prompt in r["candidates"]:
-                toks = [token_text(ctx.tokenizer, int(i)) for i in ctx.prompt_ids[prompt][0]]
-                graph = attribution_graph(r, prompt, toks, cfg.model.name_or_path.rstrip("/").rsplit("/", 1)[-1],
-                                          run_id)
-                run.write_json(f"integrated/graphs/{r['feature']}_{prompt}.json", graph)
     create_table_artifact(key="pathflow-pathways", table=table_rows(rows, TABLE_ROWS),
                           description=table_description(run, len(rows)))
     shown = md if len(records) <= REPORT_FEATURES else (

@@ -1,0 +1,508 @@
+"""Whole-prompt attribution graphs: every position, token embeddings, SAE errors and the decision.
+
+The residual stream at layer l, position q is written exactly as its SAE reads it::
+
+    h_l[q] = Σ_i f_{l,i}[q] · W_D[:, i] / s_l  +  b_D / s_l  +  e_l[q]        e_l = h_l − x̂_l (held fixed)
+
+For an output y — a target's pre-activation at its position p, or the decision
+logit(Bet) − logit(Stop) at the last position — one backward gives g_l[q] = ∂y/∂h_l[q] at every
+layer and position at once, and with it the attribution of every node:
+
+    feature (l, q, i):   f_{l,i}[q] · (W_D[:, i]/s_l · g_l[q])      activation × gradient
+    error (l, q):        e_l[q] · g_l[q]
+    embedding q:         x_emb[q] · ∂y/∂x_emb[q]
+
+— circuit-tracer's link weight (positive raises y); pathflow's ``attribution`` (the first-order
+effect of ablating the node) is its negative. These are *total* effects through the model
+(attention and MLPs included), so the weight of u → y already counts the paths through other
+nodes. k outputs are k rows of one batch, each row a copy of the prompt: one backward serves k
+outputs. At position p the rows equal the cached-prefix Jacobians of step 3 (tested).
+
+A graph keeps the nodes whose influence on its outputs (the target and the decision, half each)
+makes up ``node_threshold`` of the total (circuit-tracer's cumulative rule; embeddings and outputs
+always stay); its edges are the attributions among the kept nodes — each kept feature is the
+output of one more batched backward — pruned to ``edge_threshold`` of the edge influence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model import _StopForward, decoder_layers, resid_hooks
+from .sae import SAE
+
+# -- one prompt's forward: what every graph on it shares ------------------------------------
+
+
+@dataclass
+class PromptState:
+    """The SAE view of one prompt.
+
+    ids:        [n]               token ids
+    emb:        [n, d_model]      token embeddings (the model's input)
+    acts:       {l: (pos [m], feature [m], value [m])}   the active SAE features of layer l
+    err:        {l: [n, d_model]} e_l = h_l − x̂_l
+    """
+
+    ids: list[int]
+    emb: torch.Tensor
+    acts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    err: dict[int, torch.Tensor]
+
+
+@torch.no_grad()
+def prompt_state(model, saes: dict[int, SAE], input_ids: torch.Tensor) -> PromptState:
+    """Run ``input_ids`` [1, n] once; encode every layer in ``saes`` at every position."""
+    layers = sorted(saes)
+    emb = model.get_input_embeddings()(input_ids)[0]
+    with resid_hooks(model, capture=set(layers), stop_after=max(layers)) as hs:
+        _forward(model, input_ids)
+    acts, err = {}, {}
+    for l in layers:
+        h = hs[l][0].to(saes[l].W_enc.dtype)  # [n, d_model]
+        f = saes[l].encode(h)  # [n, d_sae]
+        pos, feat = f.nonzero(as_tuple=True)
+        acts[l] = (pos, feat, f[pos, feat])
+        err[l] = h - saes[l].decode(f)
+    return PromptState(ids=input_ids[0].tolist(), emb=emb, acts=acts, err=err)
+
+
+def _forward(model, input_ids: torch.Tensor) -> None:
+    try:
+        model.model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+
+
+# -- outputs and their gradients -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a row of the batched backward differentiates: a feature's pre-activation at a
+    position (``feature`` ≥ 0) or, with ``bet``/``stop`` token ids, the decision logit difference at
+    the last position."""
+
+    layer: int  # the feature's layer; for the decision, the model's layer count
+    feature: int = -1
+    pos: int = -1
+    bet: int = -1
+    stop: int = -1
+
+    @property
+    def is_decision(self) -> bool:
+        return self.feature < 0
+
+
+def decision_output(model, bet: int, stop: int, n_tokens: int) -> Output:
+    return Output(layer=len(decoder_layers(model)), pos=n_tokens - 1, bet=bet, stop=stop)
+
+
+@dataclass
+class Gradients:
+    """∂y_r/∂(everything) for k outputs, as rows.
+
+    value: [k]                 each output's value
+    resid: {l: [k, n, d_model]} ∂y_r/∂h_l for the layers below the outputs
+    emb:   [k, n, d_model]      ∂y_r/∂x_emb
+    """
+
+    outputs: list[Output]
+    value: torch.Tensor
+    resid: dict[int, torch.Tensor]
+    emb: torch.Tensor
+
+
+def output_gradients(model, saes: dict[int, SAE], input_ids: torch.Tensor, outputs: list[Output]) -> Gradients:
+    """One forward and one backward of k = len(outputs) copies of ``input_ids`` [1, n]; row r
+    differentiates ``outputs[r]``. Memory grows with k · n (the batch to halve on OOM)."""
+    k, n_layers = len(outputs), len(decoder_layers(model))
+    top = max(o.layer for o in outputs)  # the highest layer any row needs
+    up = list(range(min(top, n_layers)))
+    capture = set(up) | {o.layer for o in outputs if not o.is_decision}
+    stop_after = None if any(o.is_decision for o in outputs) else top
+    ids = input_ids.expand(k, -1)
+    with torch.enable_grad(), resid_hooks(model, capture=capture | ({n_layers - 1} if stop_after is None else set()),
+                                          stop_after=stop_after, grad_from_embeddings=True) as hs:
+        emb_hook = model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: hs.__setitem__("emb", out))
+        try:
+            _forward(model, ids)
+        finally:
+            emb_hook.remove()
+        values = []
+        for r, o in enumerate(outputs):
+            if o.is_decision:
+                values.append(_decision(model, hs[n_layers - 1][r, o.pos], o.bet, o.stop))
+            else:
+                sae = saes[o.layer]
+                values.append(sae.pre(hs[o.layer][r, o.pos].to(sae.W_enc.dtype))[o.feature])
+        value = torch.stack(values)
+        # rows are independent copies: d(Σ y)/d(row r's tensors) is y_r's own gradient
+        grads = torch.autograd.grad(value.sum(), [hs["emb"], *(hs[l] for l in up)], allow_unused=True)
+    emb_g = grads[0]
+    resid = {l: (g if g is not None else torch.zeros_like(hs[l])).detach() for l, g in zip(up, grads[1:])}
+    return Gradients(outputs=list(outputs), value=value.detach().float(), resid=resid, emb=emb_g.detach())
+
+
+def _decision(model, h_last: torch.Tensor, bet: int, stop: int) -> torch.Tensor:
+    """logit(bet) − logit(stop) from the last layer's residual [d_model] (final norm, unembedding)."""
+    inner = getattr(model, "model", model)
+    w = model.get_output_embeddings().weight
+    return inner.norm(h_last) @ (w[bet] - w[stop]).to(h_last.dtype)
+
+
+# -- node attributions -----------------------------------------------------------------------
+
+
+@dataclass
+class NodeWeights:
+    """Activation × gradient of every node for each row of a ``Gradients``.
+
+    feature: {l: [k, m_l]}   aligned with ``PromptState.acts[l]``
+    error:   {l: [k, n]}
+    emb:     [k, n]
+    Entries a row's output cannot depend on (a layer at or above it, a later position) are 0.
+    """
+
+    feature: dict[int, torch.Tensor]
+    error: dict[int, torch.Tensor]
+    emb: torch.Tensor
+
+
+def node_weights(state: PromptState, saes: dict[int, SAE], grads: Gradients) -> NodeWeights:
+    feature, error = {}, {}
+    layer_of = torch.tensor([o.layer for o in grads.outputs])
+    pos_of = torch.tensor([o.pos for o in grads.outputs])
+    n = len(state.ids)
+    for l, g in grads.resid.items():
+        if l not in state.acts:
+            continue  # a layer no graph on this prompt reaches
+        sae = saes[l]
+        g = g.to(sae.W_dec.dtype)
+        pos, feat, val = state.acts[l]
+        # (g_l[q] · W_D[:, i] / s) f  for the active (q, i) only: [k, m]
+        w = torch.einsum("kmd,dm->km", g[:, pos], sae.W_dec[:, feat]) / sae.scale * val
+        live = (layer_of[:, None] > l) & (pos[None, :] <= pos_of[:, None])
+        feature[l] = torch.where(live, w, torch.zeros_like(w)).float()
+        e = (g * state.err[l][None]).sum(-1)  # [k, n]
+        error[l] = torch.where((layer_of[:, None] > l) & (torch.arange(n)[None] <= pos_of[:, None]), e,
+                               torch.zeros_like(e)).float()
+    emb = (grads.emb * state.emb[None].to(grads.emb.dtype)).sum(-1).float()
+    return NodeWeights(feature=feature, error=error, emb=emb)
+
+
+def dense_jacobian(grads: Gradients, saes: dict[int, SAE], row: int, layer: int, pos: int) -> torch.Tensor:
+    """∂y_row/∂f_layer[pos] for every feature of that SAE [d_sae] (step 3's ``grad`` at one position)."""
+    sae = saes[layer]
+    return (grads.resid[layer][row, pos].to(sae.W_dec.dtype) @ sae.W_dec) / sae.scale
+
+
+# -- pruning, as circuit-tracer prunes --------------------------------------------------------
+
+
+def find_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The score above which the largest scores make up ``threshold`` of their sum (circuit-tracer's
+    ``find_threshold``)."""
+    s = torch.sort(scores, descending=True).values
+    cum = torch.cumsum(s, 0) / s.sum().clamp(min=1e-30)
+    i = min(int(torch.searchsorted(cum, torch.tensor(threshold, dtype=cum.dtype)).item()), len(s) - 1)
+    return s[i]
+
+
+def cumulative_influence(influence: torch.Tensor) -> torch.Tensor:
+    """Each node's place in the cumulative influence: the sum of the influence of every node at
+    least as influential, over the total (the most influential node has the smallest value; a
+    page that keeps ``influence <= t`` keeps the nodes making up a fraction t)."""
+    s, order = torch.sort(influence, descending=True)
+    out = torch.zeros_like(influence)
+    out[order] = torch.cumsum(s, 0) / s.sum().clamp(min=1e-30)
+    return out
+
+
+def prune(influence: torch.Tensor, always: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Keep-mask of the nodes making up ``threshold`` of the total influence, plus ``always``."""
+    if len(influence) == 0:
+        return always.clone()
+    return (influence >= find_threshold(influence, threshold)) | always
+
+
+# -- one target's graph on one prompt ---------------------------------------------------------
+
+Key = tuple  # ("f", layer, pos, feature) | ("e", layer, pos) | ("E", pos) | ("t",) | ("D",)
+
+
+@dataclass
+class Target:
+    """A graph's target: SAE feature ``feature`` of ``layer`` at position ``pos``; ``name`` L{layer}-{id}."""
+
+    name: str
+    layer: int
+    feature: int
+    pos: int
+
+    def output(self) -> Output:
+        return Output(layer=self.layer, feature=self.feature, pos=self.pos)
+
+
+def _row(nw: NodeWeights, r: int, state: PromptState, below: int, upto: int) -> dict[Key, float]:
+    """The nonzero node weights of row ``r`` over nodes below layer ``below`` at positions ≤ ``upto``."""
+    out: dict[Key, float] = {}
+    for l, w in nw.feature.items():
+        if l >= below:
+            continue
+        pos, feat, _ = state.acts[l]
+        for j in torch.nonzero((pos <= upto) & (w[r] != 0)).flatten().tolist():
+            out[("f", l, int(pos[j]), int(feat[j]))] = float(w[r, j])
+    for l, w in nw.error.items():
+        if l < below:
+            for q in range(upto + 1):
+                out[("e", l, q)] = float(w[r, q])
+    for q in range(upto + 1):
+        out[("E", q)] = float(nw.emb[r, q])
+    return out
+
+
+def select_nodes(to_target: dict[Key, float], to_decision: dict[Key, float], node_threshold: float,
+                 max_nodes: int | None = None) -> tuple[list[Key], dict[Key, float], dict[Key, float]]:
+    """The kept candidates, every candidate's cumulative influence and its influence.
+
+    A node's influence is its share of the target's total |weight| plus its share of the
+    decision's, half each (the two outputs, as circuit-tracer weighs its logits)."""
+    keys = sorted(set(to_target) | set(to_decision))
+    if not keys:
+        return [], {}, {}
+    t = torch.tensor([abs(to_target.get(k, 0.0)) for k in keys], dtype=torch.float64)
+    d = torch.tensor([abs(to_decision.get(k, 0.0)) for k in keys], dtype=torch.float64)
+    infl = 0.5 * t / t.sum().clamp(min=1e-30) + 0.5 * d / d.sum().clamp(min=1e-30)
+    always = torch.tensor([k[0] == "E" for k in keys])
+    keep = prune(infl, always, node_threshold)
+    if max_nodes is not None and int((keep & ~always).sum()) > max_nodes:  # the most influential only
+        cut = torch.sort(infl[keep & ~always], descending=True).values[max_nodes - 1]
+        keep &= (infl >= cut) | always
+    cum = cumulative_influence(infl)
+    return ([k for k, m in zip(keys, keep.tolist()) if m], {k: float(c) for k, c in zip(keys, cum.tolist())},
+            {k: float(v) for k, v in zip(keys, infl.tolist())})
+
+
+def prune_edges(edges: dict[tuple[Key, Key], float], node_influence: dict[Key, float],
+                edge_threshold: float) -> dict[tuple[Key, Key], float]:
+    """circuit-tracer's edge rule: an edge's score is its share of its target's incoming |weight|
+    times that target's influence; keep the edges making up ``edge_threshold`` of the score."""
+    if not edges:
+        return {}
+    incoming: dict[Key, float] = {}
+    for (_, dst), w in edges.items():
+        incoming[dst] = incoming.get(dst, 0.0) + abs(w)
+    items = list(edges.items())
+    score = torch.tensor([abs(w) / max(incoming[dst], 1e-30) * node_influence.get(dst, 0.0)
+                          for (_, dst), w in items], dtype=torch.float64)
+    keep = score >= find_threshold(score, edge_threshold)
+    return {e: w for (e, w), m in zip(items, keep.tolist()) if m}
+
+
+def drop_dangling(nodes: set[Key], edges: dict[tuple[Key, Key], float]) -> tuple[set[Key], dict]:
+    """Drop feature and error nodes without an outgoing edge (they reach no output), and their
+    edges, until none is left (circuit-tracer's final pass)."""
+    while True:
+        sources = {s for s, _ in edges}
+        dead = {k for k in nodes if k[0] in ("f", "e") and k not in sources}
+        if not dead:
+            return nodes, edges
+        nodes = nodes - dead
+        edges = {(s, d): w for (s, d), w in edges.items() if s in nodes and d in nodes}
+
+
+@dataclass
+class Graph:
+    """One target's pruned graph on one prompt; weights are activation × gradient."""
+
+    target: Target
+    nodes: set[Key]
+    edges: dict[tuple[Key, Key], float]
+    influence: dict[Key, float]  # cumulative influence of the candidates
+    activation: dict[Key, float]
+    target_pre: float
+    decision: float
+    decision_gradient: float  # ∂decision/∂f_target at the target's position
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), max(1, size)):
+        yield items[i:i + max(1, size)]
+
+
+def _activations(state: PromptState) -> dict[Key, float]:
+    out = {}
+    for l, (pos, feat, val) in state.acts.items():
+        out.update({("f", l, q, i): v for q, i, v in zip(pos.tolist(), feat.tolist(), val.tolist())})
+    return out
+
+
+def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets: list[Target], bet: int, stop: int,
+                  node_threshold: float = 0.8, edge_threshold: float = 0.98, max_nodes: int | None = None,
+                  batch_size: int = 8) -> tuple[PromptState, list[Graph]]:
+    """Every target's graph on one prompt ``input_ids`` [1, n]. ``saes``: every layer up to the
+    highest target's. Three batched backwards: the decision (once), the targets, then every node
+    some graph kept (each once, however many graphs share it)."""
+    state = prompt_state(model, saes, input_ids)
+    n = len(state.ids)
+    acts = _activations(state)
+    dec = output_gradients(model, saes, input_ids, [decision_output(model, bet, stop, n)])
+    dec_w = node_weights(state, saes, dec)
+    pending = []  # (target, its row's weights, the decision's, kept nodes, influence)
+    for chunk in _batches(targets, batch_size):
+        g = output_gradients(model, saes, input_ids, [t.output() for t in chunk])
+        w = node_weights(state, saes, g)
+        for r, t in enumerate(chunk):
+            to_t = _row(w, r, state, t.layer, t.pos)
+            to_d = _row(dec_w, 0, state, t.layer, t.pos)
+            kept, cum, infl = select_nodes(to_t, to_d, node_threshold, max_nodes)
+            pending.append((t, float(g.value[r]), to_t, to_d, kept, cum, infl))
+    # the incoming weights of every kept feature, each computed once
+    inner = sorted({k for *_, kept, _, _ in pending for k in kept if k[0] == "f"})
+    incoming: dict[Key, dict[Key, float]] = {}
+    for chunk in _batches(inner, batch_size):
+        g = output_gradients(model, saes, input_ids, [Output(layer=k[1], feature=k[3], pos=k[2]) for k in chunk])
+        w = node_weights(state, saes, g)
+        for r, k in enumerate(chunk):
+            incoming[k] = _row(w, r, state, k[1], k[2])
+    graphs = []
+    decision = float(dec.value[0])
+    for t, pre, to_t, to_d, kept, cum, infl in pending:
+        T, D = ("t",), ("D",)
+        nodes = set(kept)
+        edges: dict[tuple[Key, Key], float] = {}
+        for k in kept:
+            if to_t.get(k):
+                edges[(k, T)] = to_t[k]
+            if to_d.get(k):
+                edges[(k, D)] = to_d[k]
+            for u, w in incoming.get(k, {}).items():
+                if u in nodes and w:
+                    edges[(u, k)] = w
+        a_t = acts.get(("f", t.layer, t.pos, t.feature), 0.0)
+        d_grad = float(dense_jacobian(dec, saes, 0, t.layer, t.pos)[t.feature])
+        if a_t * d_grad:
+            edges[(T, D)] = a_t * d_grad
+        # the two outputs weigh half each; a kept node weighs its influence on them
+        weight_of = {T: 0.5, D: 0.5, **{k: infl[k] for k in kept}}
+        edges = prune_edges(edges, weight_of, edge_threshold)
+        nodes, edges = drop_dangling(nodes | {T, D}, edges)
+        graphs.append(Graph(target=t, nodes=nodes, edges=edges, influence=cum, activation=acts, target_pre=pre,
+                            decision=decision, decision_gradient=d_grad))
+    return state, graphs
+
+
+# -- circuit-tracer's JSON -------------------------------------------------------------------
+
+
+def cantor(layer: int, feature: int) -> int:
+    """circuit-tracer's ``node.feature`` for SAE feature ``feature`` of ``layer``: the Cantor pairing."""
+    return (layer + feature) * (layer + feature + 1) // 2 + feature
+
+
+def graph_json(g: Graph, state: PromptState, tokens: list[str], prompt_text: str, slug: str, scan: str,
+               n_layers: int, vocab_size: int, decision_label: str, node_threshold: float,
+               info: dict | None = None) -> dict:
+    """``g`` in the JSON circuit-tracer 0.5.0 writes (``frontend/graph_models.Model``): its node ids,
+    Cantor-paired ``feature``, cumulative ``influence``, link weight activation × gradient (pathflow's
+    ``attribution``, its negative, kept beside it), embedding/error/logit nodes, the prompt as given."""
+    t = g.target
+    last = len(state.ids) - 1
+    logit_id = f"{n_layers + 1}_{vocab_size}_{last}"
+    p_bet = float(torch.sigmoid(torch.tensor(g.decision)))
+
+    def node(k: Key) -> dict:
+        base = {"token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "clerp": "",
+                "influence": g.influence.get(k), "activation": None}
+        if k[0] == "f" or k[0] == "t":
+            layer, pos, fid = (k[1], k[2], k[3]) if k[0] == "f" else (t.layer, t.pos, t.feature)
+            name = f"L{layer}-{fid}"
+            return {**base, "node_id": f"{layer}_{fid}_{pos}", "feature": cantor(layer, fid), "layer": str(layer),
+                    "ctx_idx": pos, "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{fid}-0",
+                    "clerp": f"{name} (target: pre-activation {g.target_pre:+.3g})" if k[0] == "t" else name,
+                    "influence": 0.0 if k[0] == "t" else base["influence"],
+                    "activation": g.activation.get(("f", layer, pos, fid), 0.0), "pathflow_feature": name}
+        if k[0] == "e":
+            return {**base, "node_id": f"0_{k[1]}_{k[2]}", "feature": -1, "layer": str(k[1]), "ctx_idx": k[2],
+                    "feature_type": "mlp reconstruction error", "jsNodeId": f"{k[1]}_{k[2]}-0",
+                    "clerp": f"Err: L{k[1]} SAE error at “{tokens[k[2]]}”"}
+        if k[0] == "E":
+            vocab = state.ids[k[1]]
+            return {**base, "node_id": f"E_{vocab}_{k[1]}", "feature": k[1], "layer": "E", "ctx_idx": k[1],
+                    "feature_type": "embedding", "jsNodeId": f"E_{vocab}-{k[1]}"}
+        return {**base, "node_id": logit_id, "feature": vocab_size, "layer": str(n_layers + 1), "ctx_idx": last,
+                "feature_type": "logit", "token_prob": p_bet, "is_target_logit": True,
+                "jsNodeId": f"L_{vocab_size}-{last}", "influence": 0.0,
+                "clerp": f"Output {decision_label} = {g.decision:+.3f} (p={p_bet:.3f})"}
+
+    keys = sorted(g.nodes | {("E", q) for q in range(len(state.ids))}, key=_order)
+    nodes = {k: node(k) for k in keys}
+    links = [{"source": nodes[s]["node_id"], "target": nodes[d]["node_id"], "weight": w, "attribution": -w}
+             for (s, d), w in sorted(g.edges.items(), key=lambda e: -abs(e[1]))]
+    target_id = nodes[("t",)]["node_id"]
+    return {
+        "metadata": {"slug": slug, "scan": scan, "transcoder_list": [], "prompt_tokens": tokens, "prompt": prompt_text,
+                     "node_threshold": node_threshold, "schema_version": 1,
+                     # the page's graph list shows "{title_prefix} {scan} — {prompt}": say whose graph it is
+                     "title_prefix": f"{t.name} on {(info or {}).get('prompt_name', '')}:".replace(" on :", ":"),
+                     "info": {"generator": "pathflow", "target": t.name, "position": t.pos,
+                              "decision": decision_label, "decision_value": g.decision,
+                              "decision_gradient": g.decision_gradient, **(info or {})}},
+        "qParams": {"pinnedIds": [target_id, logit_id], "supernodes": [], "linkType": "both", "clickedId": target_id,
+                    "sg_pos": ""},
+        "nodes": list(nodes.values()),
+        "links": links,
+    }
+
+
+def _order(k: Key) -> tuple:
+    """Embeddings, then features and errors by layer and position, then the target and the decision."""
+    if k[0] == "E":
+        return (0, 0, k[1], 0, "E")
+    if k[0] in ("f", "e"):
+        return (1, k[1], k[2], k[3] if k[0] == "f" else -1, k[0])
+    return (2 if k[0] == "t" else 3, 0, 0, 0, k[0])
+
+
+# -- which graphs, and their names -----------------------------------------------------------
+
+
+def graph_targets(selected: list[dict], max_targets: int | None) -> list[dict]:
+    """The first ``max_targets`` of the selection, strongest first, the directions taking turns."""
+    by_dir: dict[str, list[dict]] = {}
+    for s in sorted(selected, key=lambda s: (s.get("rank", 0), s["feature"])):
+        by_dir.setdefault(s["direction"], []).append(s)
+    out, queues = [], list(by_dir.values())
+    while queues and (max_targets is None or len(out) < max_targets):
+        for q in list(queues):
+            if q and (max_targets is None or len(out) < max_targets):
+                out.append(q.pop(0))
+            if not q:
+                queues.remove(q)
+    return out
+
+
+def slug(prompt: str, feature: str) -> str:
+    """A graph's file name and URL slug: ``{prompt}-{feature}``, lower case (``risky-l3-56``)."""
+    return f"{prompt}-{feature}".lower()
+
+
+def scan_name(sae_root: str, pattern: str) -> str:
+    """The SAE release as circuit-tracer's ``scan``: the root's last part and the pattern with X for
+    the layer (``Llama-Scope/Llama3_1-8B-Base-LXR-8x``)."""
+    root = sae_root.rstrip("/").rsplit("/", 1)[-1]
+    return f"{root}/{pattern.replace('{layer}', 'X')}"
+
+
+def answer_id(tokenizer, text: str, what: str) -> int:
+    """The one token id of an answer; an answer that is not exactly one token is an error."""
+    from .errors import PathflowError
+
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise PathflowError(f"decision.{what} {text!r} is {len(ids)} tokens for this tokenizer ({ids}): the decision "
+                            "compares the logits of two single tokens")
+    return ids[0]

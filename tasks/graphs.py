@@ -1,0 +1,49 @@
+"""Step 4b as a Prefect task: whole-prompt attribution graphs in circuit-tracer's format."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from pathflow.config import Config
+from pathflow.context import get_context
+from pathflow.graphs import Target, answer_id, graph_json, graph_targets, prompt_graphs, scan_name, slug
+from pathflow.tokens import token_text
+
+from .common import open_run, step
+
+
+@task(name="graphs", task_run_name="graphs", tags=["gpu"], cache_policy=NONE)
+def attribution_graphs(cfg: Config, store_url: str, run_id: str, targets: list[dict]) -> dict[str, dict[str, str]]:
+    """``integrated/graphs/{slug}.json`` for the strongest ``graphs.max_targets`` targets on each
+    prompt, and ``graph-metadata.json`` beside them: the folder circuit-tracer's frontend serves.
+    Returns {feature: {prompt: slug}}."""
+    ctx = get_context(cfg)
+    run = open_run(store_url, run_id)
+    gc = cfg.graphs
+    chosen = graph_targets(targets, gc.max_targets)
+    with step(run, "graphs", graphs=len(chosen) * len(ctx.prompt_ids)):
+        bet = answer_id(ctx.tokenizer, cfg.decision.bet, "bet")
+        stop = answer_id(ctx.tokenizer, cfg.decision.stop, "stop")
+        label = f'"{cfg.decision.bet}" − "{cfg.decision.stop}"'
+        scan = gc.scan or scan_name(cfg.sae.root, cfg.sae.pattern)
+        vocab = len(ctx.tokenizer)
+        slugs: dict[str, dict[str, str]] = {}
+        metadata = []
+        if chosen:
+            saes = ctx.saes_up_to(max(t["layer"] for t in chosen))
+            for prompt, ids in ctx.prompt_ids.items():
+                p = ctx.prefixes()[prompt].position
+                tokens = [token_text(ctx.tokenizer, int(i)) for i in ids[0]]
+                state, graphs = prompt_graphs(
+                    ctx.model, saes, ids, [Target(t["feature"], t["layer"], t["feature_id"], p) for t in chosen],
+                    bet, stop, gc.node_threshold, gc.edge_threshold, gc.max_nodes, gc.batch_size)
+                for g in graphs:
+                    s = slug(prompt, g.target.name)
+                    doc = graph_json(g, state, tokens, ctx.prompts[prompt], s, scan, ctx.n_layers, vocab, label,
+                                     gc.node_threshold, info={"run_id": run_id, "prompt_name": prompt})
+                    run.write_json(f"integrated/graphs/{s}.json", doc)
+                    metadata.append(doc["metadata"])
+                    slugs.setdefault(g.target.name, {})[prompt] = s
+        run.write_json("integrated/graphs/graph-metadata.json", {"graphs": metadata})
+    return slugs
