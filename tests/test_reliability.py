@@ -107,10 +107,15 @@ def test_every_output_names_the_position_it_used(complete_run, ctx):
     feats = json.loads((run_dir / "integrated/features.json").read_text())["features"]
     assert all(r["positions"] == expected for r in feats)
     for g in (run_dir / "integrated/graphs").glob("*.json"):
+        if g.name == "graph-metadata.json":
+            continue
         graph = json.loads(g.read_text())
-        prompt = g.stem.rsplit("_", 1)[1]
-        assert {node["ctx_idx"] for node in graph["nodes"]} == {expected[prompt]}  # not the last token
-        assert graph["metadata"]["info"]["position"] == expected[prompt]
+        prompt = graph["metadata"]["info"]["prompt_name"]
+        assert graph["metadata"]["info"]["position"] == expected[prompt]  # the target's, not the last token
+        target = graph["qParams"]["pinnedIds"][0]
+        assert int(target.rsplit("_", 1)[1]) == expected[prompt]
+        assert max(n["ctx_idx"] for n in graph["nodes"] if n["feature_type"] != "embedding"
+                   and n["feature_type"] != "logit") <= expected[prompt]
     assert f"at token {expected['safe']}" in (run_dir / "integrated/report.md").read_text()
 
 

@@ -1,0 +1,256 @@
+"""Whole-prompt attribution graphs (pathflow/graphs.py) against independent computations: step 3's
+cached-prefix Jacobians, an SAE spliced in at an earlier position and differentiated by autograd,
+finite differences of real interventions, the model's own logits, and hand-worked pruning."""
+
+import pytest
+import torch
+
+from pathflow.graphs import (
+    Output,
+    Target,
+    cantor,
+    cumulative_influence,
+    decision_output,
+    dense_jacobian,
+    drop_dangling,
+    find_threshold,
+    graph_targets,
+    node_weights,
+    output_gradients,
+    prompt_graphs,
+    prompt_state,
+    prune_edges,
+    select_nodes,
+)
+from pathflow.jacobian import jacobians, target_pre
+from pathflow.model import resid_hooks, run
+
+BET, STOP = 18, 19  # "1" and "2" in the demo tokenizer (checked below)
+
+
+def _pre_at(ctx, ids, layer, feature, pos, edits=None):
+    """A target's pre-activation at ``pos`` with ``edits`` applied to the residual stream."""
+    with torch.no_grad(), resid_hooks(ctx.model, capture={layer}, edits=edits or {}, stop_after=layer) as hs:
+        run(ctx.model, ids)
+    return float(target_pre(ctx.sae(layer), hs[layer][:, pos], [feature])[0])
+
+
+def test_decision_tokens_of_the_demo(ctx):
+    from pathflow.graphs import answer_id
+    from pathflow.errors import PathflowError
+
+    assert answer_id(ctx.tokenizer, "1", "bet") == BET and answer_id(ctx.tokenizer, "2", "stop") == STOP
+    with pytest.raises(PathflowError, match="decision.bet 'Bet 1' is 3 tokens"):
+        answer_id(ctx.tokenizer, "Bet 1", "bet")
+
+
+def test_position_p_slice_equals_step3(ctx):
+    """At the target's own position the whole-prompt gradients are step 3's Jacobians."""
+    saes = ctx.saes_up_to(3)
+    for prompt in ("safe", "risky"):
+        ids = ctx.prompt_ids[prompt]
+        p = ids.shape[1] - 1
+        outs = [Output(layer=3, feature=5, pos=p), Output(layer=2, feature=17, pos=p), Output(layer=3, feature=101, pos=p)]
+        g = output_gradients(ctx.model, saes, ids, outs)
+        for r, o in enumerate(outs):
+            tj = jacobians(ctx.model, ctx.saes_up_to(o.layer), ids, o.layer, [o.feature])
+            assert torch.allclose(g.value[r], tj.pre[0], atol=1e-5)
+            for j, up in enumerate(tj.layers):
+                assert torch.allclose(dense_jacobian(g, saes, r, up, p), tj.grad[0, j], atol=1e-5, rtol=1e-4)
+
+
+def test_rows_are_independent(ctx):
+    """k outputs in one batch give each output's own gradients (as k separate backwards)."""
+    saes = ctx.saes_up_to(3)
+    ids = ctx.prompt_ids["risky"]
+    n = ids.shape[1]
+    outs = [Output(layer=3, feature=56, pos=n - 1), Output(layer=2, feature=151, pos=n - 4),
+            decision_output(ctx.model, BET, STOP, n)]
+    together = output_gradients(ctx.model, saes, ids, outs)
+    for r, o in enumerate(outs):
+        alone = output_gradients(ctx.model, saes, ids, [o])
+        for l in alone.resid:
+            assert torch.allclose(together.resid[l][r], alone.resid[l][0], atol=1e-6)
+        assert torch.allclose(together.emb[r], alone.emb[0], atol=1e-6)
+
+
+def test_earlier_positions_match_spliced_autograd_and_finite_differences(ctx):
+    """An upstream feature at q < p reaches the target only through attention: its weight
+    (activation × gradient) against an SAE spliced in at q, and a finite-difference edit there."""
+    saes = ctx.saes_up_to(3)
+    ids = ctx.prompt_ids["risky"]
+    p = ids.shape[1] - 1
+    layer, feature, up = 3, 56, 1
+    state = prompt_state(ctx.model, saes, ids)
+    g = output_gradients(ctx.model, saes, ids, [Output(layer=layer, feature=feature, pos=p)])
+    w = node_weights(state, saes, g)
+    pos, feat, val = state.acts[up]
+    checked = 0
+    for q in sorted({int(x) for x in pos if int(x) < p - 2}, reverse=True)[:3]:
+        holder = {}
+
+        def splice(h, q=q):
+            x = h[:, q]
+            f = saes[up].encode(x).detach().requires_grad_(True)
+            holder["f"] = f
+            h = h.clone()
+            h[:, q] = saes[up].decode(f) + (x - saes[up].decode(f)).detach()
+            return h
+
+        with torch.enable_grad(), resid_hooks(ctx.model, capture={layer}, edits={up: splice}, stop_after=layer) as hs:
+            run(ctx.model, ids)
+            pre = target_pre(saes[layer], hs[layer][:, p], [feature])
+            (gf,) = torch.autograd.grad(pre.sum(), [holder["f"]])
+        for j in torch.nonzero(pos == q).flatten().tolist():
+            i, a = int(feat[j]), float(val[j])
+            assert w.feature[up][0, j].item() == pytest.approx(a * float(gf[0, i]), rel=1e-3, abs=1e-6)
+            checked += 1
+        # central finite differences of a small edit of the feature with the largest weight at q
+        j = max(torch.nonzero(pos == q).flatten().tolist(), key=lambda j: abs(w.feature[up][0, j].item()))
+        eps = 1e-2
+        d = saes[up].decoder_direction(int(feat[j])) * float(val[j])
+
+        def nudge(sign, q=q, d=d):
+            def edit(h):
+                h = h.clone()
+                h[:, q] += sign * eps * d
+                return h
+            return {up: edit}
+
+        slope = (_pre_at(ctx, ids, layer, feature, p, nudge(+1)) - _pre_at(ctx, ids, layer, feature, p, nudge(-1)))
+        assert slope / (2 * eps) == pytest.approx(w.feature[up][0, j].item(), rel=1e-2, abs=2e-5)
+    assert checked >= 3
+    # nothing downstream of the target, and nothing after its position
+    late = Output(layer=2, feature=151, pos=p - 5)
+    w2 = node_weights(state, saes, output_gradients(ctx.model, saes, ids, [late]))
+    assert torch.all(w2.feature[up][0, pos > p - 5] == 0) and torch.all(w2.error[up][0, p - 4:] == 0)
+    assert 2 not in w2.feature or torch.all(w2.feature[2] == 0)
+
+
+def test_embedding_and_error_weights_by_finite_differences(ctx):
+    saes = ctx.saes_up_to(3)
+    ids = ctx.prompt_ids["safe"]
+    p = ids.shape[1] - 1
+    state = prompt_state(ctx.model, saes, ids)
+    o = Output(layer=3, feature=5, pos=p)
+    w = node_weights(state, saes, output_gradients(ctx.model, saes, ids, [o]))
+    eps = 1e-2
+    for q in (p - 3, p - 1):
+        emb = ctx.model.get_input_embeddings()
+
+        def scaled(sign, q=q):
+            hook = emb.register_forward_hook(lambda _m, _i, out: torch.cat(
+                [out[:, :q], out[:, q:q + 1] * (1 + sign * eps), out[:, q + 1:]], 1))
+            try:
+                return _pre_at(ctx, ids, 3, 5, p)
+            finally:
+                hook.remove()
+
+        assert (scaled(+1) - scaled(-1)) / (2 * eps) == pytest.approx(w.emb[0, q].item(), rel=1e-2, abs=2e-5)
+        # the error term at (layer 1, q), grown and shrunk a little
+        e = state.err[1][q]
+
+        def grown(sign, q=q, e=e):
+            def edit(h):
+                h = h.clone()
+                h[:, q] += sign * eps * e
+                return h
+            return _pre_at(ctx, ids, 3, 5, p, {1: edit})
+
+        assert (grown(+1) - grown(-1)) / (2 * eps) == pytest.approx(w.error[1][0, q].item(), rel=1e-2, abs=2e-5)
+
+
+def test_the_decision_is_the_models_logit_difference(ctx):
+    saes = ctx.saes_up_to(3)
+    for prompt in ("safe", "risky"):
+        ids = ctx.prompt_ids[prompt]
+        n = ids.shape[1]
+        with torch.no_grad():
+            logits = ctx.model(ids).logits[0, -1]
+        g = output_gradients(ctx.model, saes, ids, [decision_output(ctx.model, BET, STOP, n)])
+        assert float(g.value[0]) == pytest.approx(float(logits[BET] - logits[STOP]), abs=1e-4)
+        # a target's pull on the decision: finite differences of a small edit of that feature at the end
+        dj = dense_jacobian(g, saes, 0, 2, n - 1)
+        d = saes[2].decoder_direction(151)
+        eps = 1e-2
+
+        def add(h, d=d):
+            h = h.clone()
+            h[:, n - 1] += eps * d
+            return h
+
+        with torch.no_grad(), resid_hooks(ctx.model, edits={2: add}):
+            moved = ctx.model(ids).logits[0, -1]
+        assert float((moved[BET] - moved[STOP]) - (logits[BET] - logits[STOP])) / eps == pytest.approx(
+            float(dj[151]), rel=2e-2, abs=1e-4)
+
+
+def test_node_weights_add_up_to_the_residual_stream(ctx):
+    """Features + errors + the decoder bias of a layer, over every position, make up h_l · g_l: the
+    SAE decomposition is exact, so no weight is lost or counted twice."""
+    saes = ctx.saes_up_to(3)
+    ids = ctx.prompt_ids["risky"]
+    p = ids.shape[1] - 1
+    state = prompt_state(ctx.model, saes, ids)
+    g = output_gradients(ctx.model, saes, ids, [Output(layer=3, feature=56, pos=p)])
+    w = node_weights(state, saes, g)
+    with torch.no_grad(), resid_hooks(ctx.model, capture={0, 1, 2}, stop_after=2) as hs:
+        run(ctx.model, ids)
+    for l in (0, 1, 2):
+        total = float((hs[l][0] * g.resid[l][0]).sum())
+        bias = float((g.resid[l][0] @ (saes[l].b_dec / saes[l].scale)).sum())
+        assert float(w.feature[l].sum() + w.error[l].sum()) + bias == pytest.approx(total, rel=1e-4, abs=1e-5)
+
+
+def test_pruning_as_circuit_tracer_prunes():
+    # find_threshold: the smallest score among the largest that make up the fraction
+    s = torch.tensor([0.1, 0.4, 0.2, 0.3], dtype=torch.float64)
+    assert float(find_threshold(s, 0.5)) == 0.3  # 0.4 + 0.3 = 0.7 ≥ 0.5
+    assert float(find_threshold(s, 0.3)) == 0.4
+    assert float(find_threshold(s, 1.0)) == 0.1
+    # cumulative influence: the most influential has the smallest value
+    assert cumulative_influence(s).tolist() == pytest.approx([1.0, 0.4, 0.9, 0.7])
+    # nodes: half the target's |weight| share, half the decision's
+    to_t = {("f", 0, 1, 7): 3.0, ("f", 1, 2, 9): -1.0, ("e", 0, 1): 0.0, ("E", 0): 0.5}
+    to_d = {("f", 0, 1, 7): 0.0, ("f", 1, 2, 9): 2.0, ("e", 0, 1): -2.0, ("E", 0): 0.0}
+    kept, cum, infl = select_nodes(to_t, to_d, node_threshold=0.5)
+    assert infl[("f", 0, 1, 7)] == pytest.approx(0.5 * 3 / 4.5)
+    assert infl[("f", 1, 2, 9)] == pytest.approx(0.5 * 1 / 4.5 + 0.5 * 0.5)
+    assert set(kept) == {("f", 0, 1, 7), ("f", 1, 2, 9), ("E", 0)}  # 0.333 + 0.361 ≥ 0.5; embeddings stay
+    assert cum[("f", 1, 2, 9)] == pytest.approx(infl[("f", 1, 2, 9)])
+    kept_one, *_ = select_nodes(to_t, to_d, node_threshold=0.99, max_nodes=1)
+    assert [k for k in kept_one if k[0] != "E"] == [("f", 1, 2, 9)]
+    # edges: share of the target's incoming |weight| × the target's influence
+    a, b, c, T = ("f", 0, 0, 1), ("f", 0, 1, 2), ("f", 1, 1, 3), ("t",)
+    edges = {(a, T): 1.0, (b, T): 1.0, (c, T): 2.0, (a, c): 0.5, (b, c): -0.01}
+    keptE = prune_edges(edges, {T: 1.0, c: 0.5}, edge_threshold=0.9)
+    assert (b, c) not in keptE and (a, c) in keptE and (c, T) in keptE
+    nodes, left = drop_dangling({a, b, c, T, ("f", 2, 0, 4)}, keptE)
+    assert ("f", 2, 0, 4) not in nodes and T in nodes  # no outgoing edge: dropped; outputs stay
+
+
+def test_cantor_pairing_and_which_targets_get_graphs():
+    assert cantor(2, 151) == 11932 and cantor(0, 0) == 0 and cantor(31, 32767) == (31 + 32767) * (31 + 32768) // 2 + 32767
+    sel = [{"feature": f"L1-{i}", "direction": d, "rank": i} for i, d in
+           enumerate(["risky", "risky", "risky", "safe", "safe"])]
+    assert [s["feature"] for s in graph_targets(sel, 4)] == ["L1-0", "L1-3", "L1-1", "L1-4"]
+    assert len(graph_targets(sel, None)) == 5 and graph_targets(sel, 0) == []
+
+
+def test_prompt_graphs_are_pathways_not_stars(ctx):
+    """Kept upstream nodes are linked among themselves, so multi-hop pathways show; every kept
+    feature or error reaches an output; the target is linked to the decision."""
+    saes = ctx.saes_up_to(3)
+    ids = ctx.prompt_ids["risky"]
+    p = ids.shape[1] - 1
+    state, graphs = prompt_graphs(ctx.model, saes, ids, [Target("L3-56", 3, 56, p)], BET, STOP,
+                                  max_nodes=60, batch_size=16)
+    (g,) = graphs
+    inner = [(s, d) for s, d in g.edges if s[0] == "f" and d[0] == "f"]
+    assert inner, "no edges between upstream features"
+    assert all(s[1] < d[1] and s[2] <= d[2] for s, d in inner)  # lower layer, no later position
+    assert {s[2] for s in g.nodes if s[0] == "f"} - {p}, "every feature at the target's own position"
+    sources = {s for s, _ in g.edges}
+    assert all(k in sources for k in g.nodes if k[0] in ("f", "e"))
+    assert (("t",), ("D",)) in g.edges or g.decision_gradient * g.activation.get(("f", 3, p, 56), 0.0) == 0
+    assert sum(k[0] in ("f", "e") for k in g.nodes) <= 60
