@@ -638,6 +638,44 @@ class _batch_progress:
         self.bar.stop()
 
 
+@app.command("graphs")
+def graphs_cmd(run_id: str = typer.Argument(..., help="the run whose attribution graphs to show"),
+               store: str | None = StoreOpt,
+               port: int = typer.Option(8032, "--port", min=0, max=65535, help="port on 127.0.0.1 (0: any free one)"),
+               frontend: Path | None = typer.Option(None, "--frontend", help="circuit-tracer's frontend/assets folder "
+                                                    "(default: the installed circuit-tracer's)"),
+               as_json: bool = JsonOpt) -> None:
+    """Serve a run's whole-prompt attribution graphs in circuit-tracer's page until Ctrl-C."""
+    from .viewer import frontend_dir, graph_list, make_server
+
+    run = _run_or_fail(store, run_id)
+    try:
+        graphs = graph_list(run)
+        server = make_server(run, frontend_dir(frontend), port)
+    except PathflowError as e:
+        _fail(str(e))
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    urls = [{"slug": g["slug"], "title": g.get("title_prefix", ""),
+             "url": f"{base}/index.html?slug={g['slug']}"} for g in graphs]
+    if as_json:
+        _print_json({"run_id": run_id, "url": base, "graphs": urls})
+    else:
+        t = Table(title=f"{len(graphs)} attribution graphs of run {run_id}")
+        t.add_column("graph")
+        t.add_column("open")
+        for u in urls:
+            t.add_row(u["title"] or u["slug"], u["url"])
+        console.print(t)
+        console.print(styled("serving at ", (base, "bold"), " (the page loads d3 from the internet); Ctrl-C stops"))
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 runs_app = typer.Typer(help="the runs in a store: list, show, verify, diff, rm", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 

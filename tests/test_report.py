@@ -344,3 +344,48 @@ def test_prefect_table_at_study_size_is_readable(tmp_path):
     text = table_description(run, len(rows))
     assert "the first 50 of 3072 rows" in text and f"{run.url}/integrated/summary.csv" in text
     assert table_description(run, 40) == f"pathways of run {run.run_id}"
+
+
+def test_pathflow_graphs_serves_a_run(run_dir, circuit_tracer, tmp_path):
+    """`pathflow graphs RUN` serves the run's graphs in circuit-tracer's page (here the page of the
+    circuit-tracer venv, given with --frontend) and a person's browser shows them; a run without
+    graphs, or no page to serve them with, is a one-line error."""
+    require("/usr/bin/chromium", "node", str(UI / "node_modules" / "playwright-core"), str(UI / "node_modules" / "d3"))
+    (assets,) = CT_VENV.glob("lib/python*/site-packages/circuit_tracer/frontend/assets")
+    store, run_id = run_dir.parent.parent, run_dir.name
+    proc = subprocess.Popen([sys.executable, "-m", "pathflow", "graphs", run_id, "--store", str(store), "--port", "0",
+                             "--frontend", str(assets), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=clean_env())
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.rstrip() == "}":
+                break
+        listed = json.loads("".join(lines))
+        slugs = sorted(p.stem for p in _graph_files(run_dir))
+        assert sorted(g["slug"] for g in listed["graphs"]) == slugs
+        g = json.loads((run_dir / f"integrated/graphs/{slugs[0]}.json").read_text())
+        import urllib.error
+        import urllib.request
+
+        with pytest.raises(urllib.error.HTTPError):  # nothing outside the graphs folder
+            urllib.request.urlopen(f"{listed['url']}/data/..%2Fmanifest.json", timeout=5)
+        out = subprocess.run(["node", str(UI / "circuit_tracer_graph.mjs"), listed["url"], slugs[0],
+                              g["qParams"]["pinnedIds"][0], str(tmp_path / "served.png")],
+                             capture_output=True, text=True, timeout=180)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "error" not in seen and seen["tokens"] and seen["feature_title"], seen
+    assert all(e == "TypeError: Failed to fetch" for e in seen["page_errors"]), seen["page_errors"]
+    # errors a person can act on
+    empty = tmp_path / "empty-store"
+    shutil.copytree(run_dir, empty / "runs" / run_id, ignore=shutil.ignore_patterns("graphs"))
+    r = subprocess.run([sys.executable, "-m", "pathflow", "graphs", run_id, "--store", str(empty), "--frontend",
+                        str(assets)], capture_output=True, text=True, env=clean_env(), timeout=60)
+    assert r.returncode == 2 and "has no attribution graphs" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "pathflow", "graphs", run_id, "--store", str(store), "--frontend",
+                        str(tmp_path)], capture_output=True, text=True, env=clean_env(), timeout=60)
+    assert r.returncode == 2 and "has no index.html" in r.stderr
