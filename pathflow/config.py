@@ -159,6 +159,8 @@ class DecisionConfig(_Strict):
     bet: str = Field("1", min_length=1, description="the answer that bets: the token after the prompts' 'Choice: '")
     stop: str = Field("2", min_length=1, description="the answer that stops; decision = logit(bet) − logit(stop) "
                       "at the last prompt position (each must be one token of the tokenizer)")
+    replay: bool = Field(True, description="replay also measures each candidate's change of the decision, with the "
+                         "target free and held at its baseline (the target at the last prompt token)")
 
 
 class GraphsConfig(_Strict):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import _StopForward, decoder_layers, resid_hooks
+from .model import _StopForward, decoder_layers, logit_difference, resid_hooks
 from .sae import SAE
 
 # -- one prompt's forward: what every graph on it shares ------------------------------------
@@ -134,7 +134,7 @@ def output_gradients(model, saes: dict[int, SAE], input_ids: torch.Tensor, outpu
         values = []
         for r, o in enumerate(outputs):
             if o.is_decision:
-                values.append(_decision(model, hs[n_layers - 1][r, o.pos], o.bet, o.stop))
+                values.append(logit_difference(model, hs[n_layers - 1][r, o.pos], o.bet, o.stop))
             else:
                 sae = saes[o.layer]
                 values.append(sae.pre(hs[o.layer][r, o.pos].to(sae.W_enc.dtype))[o.feature])
@@ -144,13 +144,6 @@ def output_gradients(model, saes: dict[int, SAE], input_ids: torch.Tensor, outpu
     emb_g = grads[0]
     resid = {l: (g if g is not None else torch.zeros_like(hs[l])).detach() for l, g in zip(up, grads[1:])}
     return Gradients(outputs=list(outputs), value=value.detach().float(), resid=resid, emb=emb_g.detach())
-
-
-def _decision(model, h_last: torch.Tensor, bet: int, stop: int) -> torch.Tensor:
-    """logit(bet) − logit(stop) from the last layer's residual [d_model] (final norm, unembedding)."""
-    inner = getattr(model, "model", model)
-    w = model.get_output_embeddings().weight
-    return inner.norm(h_last) @ (w[bet] - w[stop]).to(h_last.dtype)
 
 
 # -- node attributions -----------------------------------------------------------------------
@@ -495,6 +488,11 @@ def scan_name(sae_root: str, pattern: str) -> str:
     the layer (``Llama-Scope/Llama3_1-8B-Base-LXR-8x``)."""
     root = sae_root.rstrip("/").rsplit("/", 1)[-1]
     return f"{root}/{pattern.replace('{layer}', 'X')}"
+
+
+def decision_ids(cfg, tokenizer) -> tuple[int, int]:
+    """(bet, stop) token ids of ``cfg.decision``."""
+    return answer_id(tokenizer, cfg.decision.bet, "bet"), answer_id(tokenizer, cfg.decision.stop, "stop")
 
 
 def answer_id(tokenizer, text: str, what: str) -> int:

@@ -187,6 +187,14 @@ def resid_post(model, input_ids: torch.Tensor, layers: list[int]) -> dict[int, t
     return dict(store)
 
 
+def logit_difference(model, h_last: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """logit(a) − logit(b) from the last layer's residual stream [..., d_model] (final norm, unembedding),
+    without the full vocabulary's logits."""
+    inner = getattr(model, "model", model)
+    w = model.get_output_embeddings().weight
+    return inner.norm(h_last) @ (w[a] - w[b]).to(h_last.dtype)
+
+
 def encode_prompt(tokenizer, text: str, device) -> torch.Tensor:
     """Token ids [1, seq] of a prompt, with the tokenizer's BOS as in the study's generation."""
     ids = tokenizer(text, return_tensors="pt").input_ids
@@ -219,6 +227,7 @@ class PrefixCache:
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     token: torch.Tensor  # [1, 1] the token id at p
     position: int  # p
+    n_tokens: int = 0  # the prompt's length (p = n_tokens - 1: the target is at the last token)
 
 
 def resolve_position(position: int, seq: int, prompt: str = "the prompt") -> int:
@@ -245,7 +254,7 @@ def prefix_cache(model, input_ids: torch.Tensor, position: int = -1, prompt: str
     cache = DynamicCache(config=model.config)
     model.model(input_ids=input_ids[:, :p], use_cache=True, **{_cache_kwarg(model): cache})
     kv = [(layer.keys, layer.values) for layer in cache.layers]
-    return PrefixCache(kv=kv, token=input_ids[:, p : p + 1], position=p)
+    return PrefixCache(kv=kv, token=input_ids[:, p : p + 1], position=p, n_tokens=int(input_ids.shape[1]))
 
 
 def run_last(model, prefix: PrefixCache, rows: int) -> None:

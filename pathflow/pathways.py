@@ -142,11 +142,12 @@ def phase_b(bj: BatchJacobians, k: int, score: str, min_abs_gradient: float) -> 
 
 
 def phase_c(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, candidates: dict, rc,
-            backoff: bool = True, max_rows: int | None = None) -> dict:
+            backoff: bool = True, max_rows: int | None = None, decision: tuple[int, int] | None = None) -> dict:
     """Replay every candidate of every target of the batch: {feature: {prompt: {...}}}.
 
     ``rc``: the replay config (intervention, scale, steer_value, min_sign_agreement, min_abs_change).
     Without ``backoff``, candidates are replayed ``max_rows`` at a time (default: all at once).
+    ``decision``: (bet, stop) token ids, for each candidate's change of the decision (``replay``).
     """
     out = {}
     for t in batch.targets:
@@ -154,7 +155,8 @@ def phase_c(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, candida
         for prompt, cands in candidates[t["feature"]].items():
             def fn(sub, prompt=prompt, t=t):
                 return replay(model, saes, None, t["layer"], t["feature_id"], list(sub), scale=rc.scale,
-                              prefix=prefixes[prompt], intervention=rc.intervention, steer_value=rc.steer_value)
+                              prefix=prefixes[prompt], intervention=rc.intervention, steer_value=rc.steer_value,
+                              decision=decision)
 
             recs, base = [], None
             parts = [cands] if backoff or not max_rows else list(chunks(cands, max_rows))

@@ -6,7 +6,8 @@ The gradient predicts ``Δpre_t ≈ scale · attribution``; the replay measures 
 All candidates of a target run as rows of one batch, row 0 being the unedited baseline, and
 only the token at p is recomputed, against the prompt's cached keys/values (``PrefixCache``):
 the layers below the candidate see the same input in every row, so the cost per candidate is
-one token through at most ``target layer + 1`` layers.
+one token through at most ``target layer + 1`` layers — or, to see the study's decision move
+(the target at the last token), through every layer, twice: with the target free and held.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from .jacobian import target_pre
-from .model import PrefixCache, prefix_cache, resid_hooks, run_last
+from .model import PrefixCache, decoder_layers, logit_difference, prefix_cache, resid_hooks, run_last
 
 
 def pearson(x, y) -> float | None:
@@ -74,34 +75,61 @@ def replay(
     prefix: PrefixCache | None = None,
     intervention: str = "ablate",
     steer_value: float = 1.0,
+    decision: tuple[int, int] | None = None,
 ) -> tuple[float, list[dict]]:
     """Intervene on each candidate (one batch row each) and measure the target's change.
 
     Returns (baseline pre-activation, one record per candidate with the intervention, predicted
     change ``gradient × Δf`` and actual change of the target's pre-activation and activation).
+
+    With ``decision`` = (bet, stop) token ids and the target at the prompt's last token, the rows
+    run on to the model's end and each record also gets ``decision_change`` (Δ logit(bet) −
+    logit(stop)), ``decision_change_held`` (the same with the target held at its baseline
+    activation: a second set of rows) and ``decision_share_through_target`` (1 − held/free).
     """
     n = len(candidates)
     kinds = [intervene(c, intervention, scale, steer_value) for c in candidates]
     deltas = edit_deltas(saes, candidates, [v for _, v in kinds])
     prefix = prefix or prefix_cache(model, input_ids, position)
+    last = decision is not None and prefix.position == prefix.n_tokens - 1
+    rows = (1 + n) * (2 if last else 1)  # [free rows | held rows], row 0 of each the baseline
+    sae = saes[layer]
 
     def edit_for(delta: torch.Tensor):
-        return lambda h: h + delta.to(h.dtype)[:, None, :]  # h: [1+n, 1, d_model], the token at p
+        d = delta.repeat(rows // (1 + n), 1)
+        return lambda h: h + d.to(h.dtype)[:, None, :]  # h: [rows, 1, d_model], the token at p
 
     edits = {l: edit_for(d) for l, d in deltas.items()}
-    with resid_hooks(model, capture={layer}, edits=edits, stop_after=layer) as hs:
-        run_last(model, prefix, 1 + n)
-    sae = saes[layer]
-    pre = target_pre(sae, hs[layer][:, -1].to(sae.W_enc.dtype), [feature] * (1 + n)).float()
+    top = len(decoder_layers(model)) - 1
+    if last:
+        direction = sae.decoder_direction(feature)
+
+        def hold(h):  # the held rows: the target's activation set back to the free baseline's
+            f = sae.gate(target_pre(sae, h[:, -1].to(sae.W_enc.dtype), [feature] * rows))
+            shift = torch.zeros_like(f)
+            shift[1 + n:] = f[0] - f[1 + n:]
+            return h + (shift[:, None] * direction).to(h.dtype)[:, None, :]
+
+        edits[layer] = hold  # upstream candidates only: nothing else edits the target's layer
+    with resid_hooks(model, capture={layer} | ({top} if last else set()), edits=edits,
+                     stop_after=None if last else layer) as hs:
+        run_last(model, prefix, rows)
+    pre = target_pre(sae, hs[layer][: 1 + n, -1].to(sae.W_enc.dtype), [feature] * (1 + n)).float()
     act = sae.gate(pre)
     base_pre, base_act = float(pre[0]), float(act[0])
+    dec = logit_difference(model, hs[top][:, -1], *decision).float() if last else None
     out = []
     for row, (c, (kind, value)) in enumerate(zip(candidates, kinds), start=1):
         predicted = c["gradient"] * (value - c["activation"])  # first order: J · Δf
         actual = float(pre[row]) - base_pre
-        out.append({**c, "intervention": kind, "new_activation": value, "predicted_change": predicted,
-                    "actual_change": actual, "actual_activation_change": float(act[row]) - base_act,
-                    "sign_agrees": bool(np.sign(predicted) == np.sign(actual))})
+        rec = {**c, "intervention": kind, "new_activation": value, "predicted_change": predicted,
+               "actual_change": actual, "actual_activation_change": float(act[row]) - base_act,
+               "sign_agrees": bool(np.sign(predicted) == np.sign(actual))}
+        if dec is not None:
+            free, held = float(dec[row] - dec[0]), float(dec[1 + n + row] - dec[1 + n])
+            rec.update(decision_change=free, decision_change_held=held,
+                       decision_share_through_target=(1.0 - held / free) if abs(free) > 1e-9 else None)
+        out.append(rec)
     return base_pre, out
 
 

@@ -1,4 +1,4 @@
-"""Step 5's pictures: the run's report pages and graphs for the attribution-graph viewer.
+"""Step 5's pictures: the run's report pages.
 
 The report is an index (``integrated/report.html``: one sortable, filterable table of every traced
 feature, the features by layer and predicted vs actual change of every replayed candidate) and one
@@ -210,7 +210,9 @@ def feature_page(r: dict, run_id: str, neuronpedia_url: str | None = None, trace
         prompts.append({"name": prompt, "position": r.get("positions", {}).get(prompt), "faith": faith,
                         "n_validated": len(r["pathways"][prompt]), "pathway": pathway_view(r["feature"], r["layer"],
                                                                                          cands),
-                        "candidates": sorted(cands, key=lambda c: -abs(c["attribution"]))})
+                        "candidates": sorted(cands, key=lambda c: -abs(c["attribution"])),
+                        "decision": any("decision_change" in c for c in cands),
+                        "graph": (r.get("graphs") or {}).get(prompt)})
     changes = [{"patched": contrast_name(k)[0], "baseline": contrast_name(k)[1], **v}
                for k, v in (t.get("changes") or {}).items()]
     study = [(k, v) for k, v in (r.get("study") or {}).items() if not isinstance(v, (dict, list))]
@@ -264,38 +266,3 @@ def report_pages(records: list[dict], run_id: str, neuronpedia_url: str | None =
     for r in records:
         pages[f"features/{r['feature']}.html"] = feature_page(r, run_id, neuronpedia_url, traced)
     return pages
-
-
-def attribution_graph(record: dict, prompt: str, prompt_tokens: list[str], scan: str, run_id: str) -> dict:
-    """One feature's pathways on one prompt in the JSON of the attribution-graphs frontend that
-    circuit-tracer writes (``metadata``, ``qParams``, ``nodes``, ``links`` with source/target/weight)."""
-    pos = record.get("positions", {}).get(prompt)
-    pos = len(prompt_tokens) - 1 if pos is None else pos  # the token the target and its upstream features are at
-
-    def node(layer: int, fid: int, activation=None, clerp="", influence=None) -> dict:
-        nid = f"{layer}_{fid}_{pos}"
-        return {"node_id": nid, "feature": fid, "layer": str(layer), "ctx_idx": pos,
-                "feature_type": "cross layer transcoder", "token_prob": 0.0, "is_target_logit": False,
-                "run_idx": 0, "reverse_ctx_idx": len(prompt_tokens) - 1 - pos, "jsNodeId": f"{layer}_{fid}-0",
-                "clerp": clerp,
-                "influence": influence, "activation": activation}
-
-    cands = _candidates(record, prompt)
-    target = node(record["layer"], record["feature_id"], clerp=f"target {record['feature']} ({record['direction']})")
-    nodes = [target] + [node(c["layer"], c["feature_id"], c["activation"],
-                             f"{c['feature']}: replayed Δ{c['actual_change']:+.3g}"
-                             + (" (validated)" if c.get("validated") else ""), abs(c["attribution"]))
-                        for c in cands]
-    links = [{"source": n["node_id"], "target": target["node_id"], "weight": c["attribution"]}
-             for n, c in zip(nodes[1:], cands)]
-    return {
-        "metadata": {"slug": f"pathflow-{run_id}-{record['feature']}-{prompt}".lower(), "scan": scan,
-                     "transcoder_list": [], "prompt_tokens": prompt_tokens, "prompt": "".join(prompt_tokens),
-                     "node_threshold": None, "schema_version": 1,
-                     "info": {"generator": "pathflow", "run_id": run_id, "target": record["feature"],
-                              "position": pos, "position_token": prompt_tokens[pos]}},
-        "qParams": {"pinnedIds": [target["node_id"]], "supernodes": [], "linkType": "both",
-                    "clickedId": target["node_id"], "sg_pos": ""},
-        "nodes": nodes,
-        "links": links,
-    }

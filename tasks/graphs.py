@@ -7,7 +7,7 @@ from prefect.cache_policies import NONE
 
 from pathflow.config import Config
 from pathflow.context import get_context
-from pathflow.graphs import Target, answer_id, graph_json, graph_targets, prompt_graphs, scan_name, slug
+from pathflow.graphs import Target, decision_ids, graph_json, graph_targets, prompt_graphs, scan_name, slug
 from pathflow.tokens import token_text
 
 from .common import open_run, step
@@ -23,8 +23,7 @@ def attribution_graphs(cfg: Config, store_url: str, run_id: str, targets: list[d
     gc = cfg.graphs
     chosen = graph_targets(targets, gc.max_targets)
     with step(run, "graphs", graphs=len(chosen) * len(ctx.prompt_ids)):
-        bet = answer_id(ctx.tokenizer, cfg.decision.bet, "bet")
-        stop = answer_id(ctx.tokenizer, cfg.decision.stop, "stop")
+        bet, stop = decision_ids(cfg, ctx.tokenizer)
         label = f'"{cfg.decision.bet}" − "{cfg.decision.stop}"'
         scan = gc.scan or scan_name(cfg.sae.root, cfg.sae.pattern)
         vocab = len(ctx.tokenizer)

@@ -24,6 +24,7 @@ from pathflow.batching import batch_size_for_attempt, chunks, is_oom
 from pathflow.config import Config
 from pathflow.context import get_context
 from pathflow.errors import PathflowError
+from pathflow.graphs import decision_ids
 from pathflow.pathways import Batch, activation_writer, phase_a, phase_b, phase_c
 from pathflow.preflight import prompt_positions
 from pathflow.study import load_prompts, model_layers, sae_width
@@ -125,6 +126,7 @@ def batch_pathways(cfg: Config, store_url: str, run_id: str, batch: Batch) -> di
     t0 = time.perf_counter()
     interrupt.sleep(float(os.environ.get("PATHFLOW_BATCH_DELAY_S", "0")))  # debugging aid: slow batches down
     cands, validated, memory = {}, {}, []
+    decision = decision_ids(cfg, ctx.tokenizer) if cfg.decision.replay else None
     with _MODEL_LOCK:
         prefixes = ctx.prefixes()
         for j, part in enumerate(chunks(batch.targets, size)):
@@ -137,7 +139,7 @@ def batch_pathways(cfg: Config, store_url: str, run_id: str, batch: Batch) -> di
                 write_activation(group, bj.activation)
             c = phase_b(bj, cfg.topk.k, cfg.topk.score, cfg.topk.min_abs_gradient)
             validated.update(phase_c(ctx.model, ctx.saes, prefixes, sub, c, cfg.replay, backoff=False,
-                                      max_rows=size if attempt > 1 else None))
+                                      max_rows=size if attempt > 1 else None, decision=decision))
             cands.update(c)
             memory.append(bj.memory)
     run.write_json(f"pathways/parts/{batch.name}.candidates.json", cands)

@@ -36,8 +36,8 @@ def _pre_at(ctx, ids, layer, feature, pos, edits=None):
 
 
 def test_decision_tokens_of_the_demo(ctx):
-    from pathflow.graphs import answer_id
     from pathflow.errors import PathflowError
+    from pathflow.graphs import answer_id
 
     assert answer_id(ctx.tokenizer, "1", "bet") == BET and answer_id(ctx.tokenizer, "2", "stop") == STOP
     with pytest.raises(PathflowError, match="decision.bet 'Bet 1' is 3 tokens"):
@@ -50,7 +50,8 @@ def test_position_p_slice_equals_step3(ctx):
     for prompt in ("safe", "risky"):
         ids = ctx.prompt_ids[prompt]
         p = ids.shape[1] - 1
-        outs = [Output(layer=3, feature=5, pos=p), Output(layer=2, feature=17, pos=p), Output(layer=3, feature=101, pos=p)]
+        outs = [Output(layer=3, feature=5, pos=p), Output(layer=2, feature=17, pos=p),
+                Output(layer=3, feature=101, pos=p)]
         g = output_gradients(ctx.model, saes, ids, outs)
         for r, o in enumerate(outs):
             tj = jacobians(ctx.model, ctx.saes_up_to(o.layer), ids, o.layer, [o.feature])
@@ -89,7 +90,7 @@ def test_earlier_positions_match_spliced_autograd_and_finite_differences(ctx):
     for q in sorted({int(x) for x in pos if int(x) < p - 2}, reverse=True)[:3]:
         holder = {}
 
-        def splice(h, q=q):
+        def splice(h, q=q, holder=holder):
             x = h[:, q]
             f = saes[up].encode(x).detach().requires_grad_(True)
             holder["f"] = f
@@ -110,7 +111,7 @@ def test_earlier_positions_match_spliced_autograd_and_finite_differences(ctx):
         eps = 1e-2
         d = saes[up].decoder_direction(int(feat[j])) * float(val[j])
 
-        def nudge(sign, q=q, d=d):
+        def nudge(sign, q=q, d=d, eps=eps):
             def edit(h):
                 h = h.clone()
                 h[:, q] += sign * eps * d
@@ -138,7 +139,7 @@ def test_embedding_and_error_weights_by_finite_differences(ctx):
     for q in (p - 3, p - 1):
         emb = ctx.model.get_input_embeddings()
 
-        def scaled(sign, q=q):
+        def scaled(sign, q=q, emb=emb):
             hook = emb.register_forward_hook(lambda _m, _i, out: torch.cat(
                 [out[:, :q], out[:, q:q + 1] * (1 + sign * eps), out[:, q + 1:]], 1))
             try:
@@ -174,7 +175,7 @@ def test_the_decision_is_the_models_logit_difference(ctx):
         d = saes[2].decoder_direction(151)
         eps = 1e-2
 
-        def add(h, d=d):
+        def add(h, d=d, n=n, eps=eps):
             h = h.clone()
             h[:, n - 1] += eps * d
             return h
@@ -230,7 +231,8 @@ def test_pruning_as_circuit_tracer_prunes():
 
 
 def test_cantor_pairing_and_which_targets_get_graphs():
-    assert cantor(2, 151) == 11932 and cantor(0, 0) == 0 and cantor(31, 32767) == (31 + 32767) * (31 + 32768) // 2 + 32767
+    assert cantor(2, 151) == 11932 and cantor(0, 0) == 0
+    assert cantor(31, 32767) == (31 + 32767) * (31 + 32768) // 2 + 32767
     sel = [{"feature": f"L1-{i}", "direction": d, "rank": i} for i, d in
            enumerate(["risky", "risky", "risky", "safe", "safe"])]
     assert [s["feature"] for s in graph_targets(sel, 4)] == ["L1-0", "L1-3", "L1-1", "L1-4"]
@@ -254,3 +256,59 @@ def test_prompt_graphs_are_pathways_not_stars(ctx):
     assert all(k in sources for k in g.nodes if k[0] in ("f", "e"))
     assert (("t",), ("D",)) in g.edges or g.decision_gradient * g.activation.get(("f", 3, p, 56), 0.0) == 0
     assert sum(k[0] in ("f", "e") for k in g.nodes) <= 60
+
+
+def test_replay_measures_the_decision_free_and_with_the_target_held(ctx):
+    """Each candidate's Δdecision against a plain full forward with the same edit; held at its
+    baseline, the target passes nothing on, so the share through it is what holding removes."""
+    from pathflow.replay import replay
+
+    ids = ctx.prompt_ids["risky"]
+    n = ids.shape[1]
+    layer, feature = 3, 56
+    saes = ctx.saes_up_to(layer)
+    state = prompt_state(ctx.model, saes, ids)
+    pos, feat, val = state.acts[1]
+    at_end = [j for j in range(len(pos)) if int(pos[j]) == n - 1][:3]
+    cands = [{"feature": f"L1-{int(feat[j])}", "layer": 1, "feature_id": int(feat[j]), "activation": float(val[j]),
+              "gradient": 0.0, "attribution": 0.0} for j in at_end]
+    assert cands
+    base, recs = replay(ctx.model, saes, ids, layer, feature, cands, decision=(BET, STOP))
+    without = replay(ctx.model, saes, ids, layer, feature, cands)[1]
+    with torch.no_grad():
+        logits = ctx.model(ids).logits[0, -1]
+    d0 = float(logits[BET] - logits[STOP])
+    for c, r, w in zip(cands, recs, without):
+        assert r["actual_change"] == pytest.approx(w["actual_change"], abs=1e-6)  # the target's change as before
+        d = saes[1].decoder_direction(c["feature_id"]) * c["activation"]
+
+        def ablate(h, d=d):
+            h = h.clone()
+            h[:, n - 1] -= d
+            return h
+
+        with torch.no_grad(), resid_hooks(ctx.model, edits={1: ablate}):
+            moved = ctx.model(ids).logits[0, -1]
+        assert r["decision_change"] == pytest.approx(float(moved[BET] - moved[STOP]) - d0, abs=1e-4)
+        # held: the same edit, and the target's activation put back at layer 3
+        sae = saes[layer]
+        with torch.no_grad(), resid_hooks(ctx.model, capture={layer}, stop_after=layer) as hs:
+            run(ctx.model, ids)
+        f0 = float(sae.gate(target_pre(sae, hs[layer][:, -1], [feature]))[0])
+
+        def hold(h, sae=sae, f0=f0):
+            f = float(sae.gate(target_pre(sae, h[:, -1], [feature]))[0])
+            h = h.clone()
+            h[:, n - 1] += (f0 - f) * sae.decoder_direction(feature)
+            return h
+
+        with torch.no_grad(), resid_hooks(ctx.model, edits={1: ablate, layer: hold}):
+            held = ctx.model(ids).logits[0, -1]
+        assert r["decision_change_held"] == pytest.approx(float(held[BET] - held[STOP]) - d0, abs=1e-4)
+        if abs(r["decision_change"]) > 1e-6:
+            assert r["decision_share_through_target"] == pytest.approx(
+                1 - r["decision_change_held"] / r["decision_change"], rel=1e-6)
+    assert "decision_change" not in without[0]
+    # not at the last token: no decision fields (the decision is read there)
+    _, early = replay(ctx.model, saes, ids, layer, feature, cands, position=n - 3, decision=(BET, STOP))
+    assert "decision_change" not in early[0]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from .conftest import clean_env, require
 
 ROOT = Path(__file__).resolve().parents[1]
