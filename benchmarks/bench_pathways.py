@@ -8,7 +8,9 @@ Compares, per target, pathflow's Jacobian (one token against the cached prompt, 
 backward) with a plain batch-1 forward+backward of the prompt and with the naive reference (the
 SAE spliced into a full forward at every upstream layer, one backward per target); and, per
 candidate, the cached replay with one full forward of the prompt and with the naive replay (one
-full forward per candidate). Ratios are the result; the JSON is printed last.
+full forward per candidate); and the graphs step's gradients at every position of the prompt (k
+targets as k rows of one batched backward over the whole prompt) with the Jacobian at the last
+position only. Ratios are the result; the JSON is printed last.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pathflow.graphs import Output, output_gradients  # noqa: E402
 from pathflow.jacobian import jacobians, target_pre  # noqa: E402
 from pathflow.model import prefix_cache, resid_hooks, run  # noqa: E402
 from pathflow.replay import replay  # noqa: E402
@@ -166,6 +169,9 @@ def main(argv=None) -> dict:
         "prefix": lambda: prefix_cache(model, ids),
         "naive": lambda: [naive_jacobian(model, saes, ids, layer, f) for f in feats[: p["naive_targets"]]],
         "replay": lambda: replay(model, saes, ids, layer, feats[0], cands, prefix=prefix),
+        # the graphs step: the same targets' gradients at every position (a batched backward over the prompt)
+        "whole": lambda: output_gradients(model, saes, ids, [Output(layer=layer, feature=f, pos=p["seq"] - 1)
+                                                              for f in feats[:batch]]),
         **{f"batch{b}": (lambda b=b: jacobians(model, saes, ids, layer, feats[:b], prefix=prefix))
            for b in sizes if b <= n_targets},
     }, device, args.rounds)
@@ -174,6 +180,7 @@ def main(argv=None) -> dict:
     by_batch = {b: t[f"batch{b}"] / b for b in sizes if b <= n_targets}  # per-target cost against the batch
     per_cand = t_replay / max(1, len(cands))
     jac_per_target = t_jac_total / n_targets
+    whole_per_target = t["whole"] / min(batch, n_targets)
     peak = peak_memory(device)
     result = {
         "preset": args.preset,
@@ -183,10 +190,14 @@ def main(argv=None) -> dict:
                    "target_layer": layer, "targets": n_targets, "batch": batch, "candidates": len(cands)},
         "seconds": {"setup": setup_s, "plain_forward_backward": t_plain, "plain_forward": t_forward,
                     "prefix_cache": t_prefix, "jacobian_per_target": jac_per_target,
-                    "naive_jacobian_per_target": t_naive, "replay_per_candidate": per_cand},
+                    "naive_jacobian_per_target": t_naive, "replay_per_candidate": per_cand,
+                    "whole_prompt_gradients_per_target": whole_per_target},
         "jacobian_per_target_seconds_by_batch": by_batch,
         "jacobian_per_target_over_plain": jac_per_target / t_plain,
         "jacobian_speedup_vs_naive": t_naive / jac_per_target,
+        # every position (graphs step) against the last position only (step 3) and a plain forward+backward
+        "whole_prompt_over_last_position": whole_per_target / jac_per_target,
+        "whole_prompt_per_target_over_plain": whole_per_target / t_plain,
         "replay_per_candidate_over_forward": per_cand / t_forward,
         "replay_speedup_vs_naive": t_forward / per_cand,
         "peak_memory_bytes": peak,

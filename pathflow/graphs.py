@@ -335,20 +335,23 @@ def _activations(state: PromptState) -> dict[Key, float]:
 
 def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets: list[Target], bet: int, stop: int,
                   node_threshold: float = 0.8, edge_threshold: float = 0.98, max_nodes: int | None = None,
-                  batch_size: int = 8) -> tuple[PromptState, list[Graph]]:
+                  batch_size: int = 8) -> tuple[PromptState, list[Graph], dict]:
     """Every target's graph on one prompt ``input_ids`` [1, n]. ``saes``: every layer up to the
     highest target's. Three batched backwards: the decision (once), the targets, then every node
-    some graph kept (each once, however many graphs share it)."""
+    some graph kept (each once, however many graphs share it). Also returns every target's (and
+    the decision's) weights over all active entries, unpruned (``sparse_arrays``)."""
     state = prompt_state(model, saes, input_ids)
     n = len(state.ids)
     acts = _activations(state)
     dec = output_gradients(model, saes, input_ids, [decision_output(model, bet, stop, n)])
     dec_w = node_weights(state, saes, dec)
     pending = []  # (target, its row's weights, the decision's, kept nodes, influence)
+    dense: dict = {"targets": []}  # every target's weights over every active entry, for graphs.zarr
     for chunk in _batches(targets, batch_size):
         g = output_gradients(model, saes, input_ids, [t.output() for t in chunk])
         w = node_weights(state, saes, g)
         for r, t in enumerate(chunk):
+            dense["targets"].append(_flat(w, r, state))
             to_t = _row(w, r, state, t.layer, t.pos)
             to_d = _row(dec_w, 0, state, t.layer, t.pos)
             kept, cum, infl = select_nodes(to_t, to_d, node_threshold, max_nodes)
@@ -363,6 +366,7 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
             incoming[k] = _row(w, r, state, k[1], k[2])
     graphs = []
     decision = float(dec.value[0])
+    dense["decision"] = _flat(dec_w, 0, state)
     for t, pre, to_t, to_d, kept, cum, infl in pending:
         T, D = ("t",), ("D",)
         nodes = set(kept)
@@ -385,7 +389,34 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
         nodes, edges = drop_dangling(nodes | {T, D}, edges)
         graphs.append(Graph(target=t, nodes=nodes, edges=edges, influence=cum, activation=acts, target_pre=pre,
                             decision=decision, decision_gradient=d_grad))
-    return state, graphs
+    return state, graphs, dense
+
+
+def _flat(nw: NodeWeights, r: int, state: PromptState) -> dict[str, torch.Tensor]:
+    """Row ``r`` over every active entry (layers in order), every error term and embedding."""
+    layers = sorted(state.acts)
+    return {"weight": torch.cat([nw.feature[l][r] if l in nw.feature else torch.zeros(len(state.acts[l][0]))
+                                 for l in layers]),
+            "error": torch.stack([nw.error[l][r] if l in nw.error else torch.zeros(len(state.ids)) for l in layers]),
+            "embedding": nw.emb[r]}
+
+
+def sparse_arrays(state: PromptState, dense: dict) -> dict:
+    """The arrays of one prompt's ``graphs.zarr`` group (``storage.arrays.GRAPH_DIMS``)."""
+    layers = sorted(state.acts)
+    rows = dense["targets"]
+    return {
+        "node_layer": torch.cat([torch.full((len(state.acts[l][0]),), l) for l in layers]).int().numpy(),
+        "node_position": torch.cat([state.acts[l][0] for l in layers]).int().numpy(),
+        "node_feature": torch.cat([state.acts[l][1] for l in layers]).int().numpy(),
+        "activation": torch.cat([state.acts[l][2] for l in layers]).float().numpy(),
+        "weight": torch.stack([r["weight"] for r in rows]).numpy(),
+        "error": torch.stack([r["error"] for r in rows]).numpy(),
+        "embedding": torch.stack([r["embedding"] for r in rows]).numpy(),
+        "decision_weight": dense["decision"]["weight"].numpy(),
+        "decision_error": dense["decision"]["error"].numpy(),
+        "decision_embedding": dense["decision"]["embedding"].numpy(),
+    }
 
 
 # -- circuit-tracer's JSON -------------------------------------------------------------------

@@ -94,3 +94,44 @@ def attribution(group: zarr.Group, rows=slice(None)) -> np.ndarray:
     """−grad ⊙ activation for target ``rows`` (an index, slice or list): [rows, prompt, layer, feature]."""
     grad = group["grad"].get_orthogonal_selection((rows,)) if isinstance(rows, list) else group["grad"][rows]
     return -grad * group["activation"][:]
+
+
+# -- graphs.zarr: every position's node weights, sparse over the active SAE entries ----------
+# Dense over positions this would be ~120× jacobians.zarr; only the entries active on the prompt are kept,
+# with their (layer, position, feature) as coordinates of a ``node`` dimension.
+
+GRAPH_DIMS = {"weight": ("target", "node"), "error": ("target", "layer", "position"),
+              "embedding": ("target", "position"), "decision_weight": ("node",),
+              "decision_error": ("layer", "position"), "decision_embedding": ("position",),
+              "activation": ("node",), "node_layer": ("node",), "node_position": ("node",),
+              "node_feature": ("node",)}
+
+
+def write_prompt_graph(store, prompt: str, targets: list[str], arrays: dict[str, np.ndarray],
+                       attrs: dict, keepbits: int | None = None) -> zarr.Group:
+    """One prompt's group of ``graphs.zarr``, written whole by the one task that computes it:
+    ``arrays`` by the names of ``GRAPH_DIMS`` (weights are activation × gradient; 0 where a
+    target cannot depend on a node)."""
+    root = zarr.open_group(store, mode="a", zarr_format=3)
+    group = root.create_group(prompt, overwrite=True)
+    for name, x in arrays.items():
+        x = np.asarray(x)
+        if x.dtype.kind == "f":
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            if keepbits is not None:
+                x = BitRound(keepbits=keepbits).encode(x).view(np.float32).reshape(x.shape)
+        a = group.create_array(name, shape=x.shape, dtype=x.dtype, compressors=[COMPRESSOR],
+                               dimension_names=GRAPH_DIMS[name], overwrite=True)
+        a[...] = x
+    t = group.create_array("target", shape=(len(targets),), dtype=str, dimension_names=("target",), overwrite=True)
+    t[:] = np.array(targets, dtype=str)
+    group.attrs.update({**attrs, "targets": targets, "keepbits": keepbits})
+    return group
+
+
+def node_attribution(group: zarr.Group, target: str, layer: int, position: int) -> dict[int, float]:
+    """pathflow's attribution (−activation × gradient) of ``target`` from every active feature of
+    ``layer`` at ``position``: {feature id: attribution}."""
+    row = list(group.attrs["targets"]).index(target)
+    sel = (group["node_layer"][:] == layer) & (group["node_position"][:] == position)
+    return {int(f): -float(w) for f, w in zip(group["node_feature"][:][sel], group["weight"][row][sel])}

@@ -7,8 +7,18 @@ from prefect.cache_policies import NONE
 
 from pathflow.config import Config
 from pathflow.context import get_context
-from pathflow.graphs import Target, decision_ids, graph_json, graph_targets, prompt_graphs, scan_name, slug
+from pathflow.graphs import (
+    Target,
+    decision_ids,
+    graph_json,
+    graph_targets,
+    prompt_graphs,
+    scan_name,
+    slug,
+    sparse_arrays,
+)
 from pathflow.tokens import token_text
+from storage.arrays import write_prompt_graph
 
 from .common import open_run, step
 
@@ -16,7 +26,8 @@ from .common import open_run, step
 @task(name="graphs", task_run_name="graphs", tags=["gpu"], cache_policy=NONE)
 def attribution_graphs(cfg: Config, store_url: str, run_id: str, targets: list[dict]) -> dict[str, dict[str, str]]:
     """``integrated/graphs/{slug}.json`` for the strongest ``graphs.max_targets`` targets on each
-    prompt, and ``graph-metadata.json`` beside them: the folder circuit-tracer's frontend serves.
+    prompt, and ``graph-metadata.json`` beside them: the folder circuit-tracer's frontend serves;
+    ``graphs.zarr``: every position's unpruned node weights of those targets, one group per prompt.
     Returns {feature: {prompt: slug}}."""
     ctx = get_context(cfg)
     run = open_run(store_url, run_id)
@@ -34,9 +45,13 @@ def attribution_graphs(cfg: Config, store_url: str, run_id: str, targets: list[d
             for prompt, ids in ctx.prompt_ids.items():
                 p = ctx.prefixes()[prompt].position
                 tokens = [token_text(ctx.tokenizer, int(i)) for i in ids[0]]
-                state, graphs = prompt_graphs(
+                state, graphs, dense = prompt_graphs(
                     ctx.model, saes, ids, [Target(t["feature"], t["layer"], t["feature_id"], p) for t in chosen],
                     bet, stop, gc.node_threshold, gc.edge_threshold, gc.max_nodes, gc.batch_size)
+                write_prompt_graph(run.zarr_store("graphs.zarr"), prompt, [t["feature"] for t in chosen],
+                                   sparse_arrays(state, dense), {"position": p, "n_tokens": len(state.ids),
+                                                                 "decision": label, "tokens": tokens},
+                                   cfg.gradients.keepbits)
                 for g in graphs:
                     s = slug(prompt, g.target.name)
                     doc = graph_json(g, state, tokens, ctx.prompts[prompt], s, scan, ctx.n_layers, vocab, label,

@@ -14,7 +14,7 @@ def test_cpu_benchmark_reports_ratios():
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout[out.stdout.index("{"):])
     for key in ("jacobian_per_target_over_plain", "jacobian_speedup_vs_naive", "replay_per_candidate_over_forward",
-                "peak_memory_bytes"):
+                "whole_prompt_over_last_position", "whole_prompt_per_target_over_plain", "peak_memory_bytes"):
         assert result[key] > 0, key
     assert result["shapes"]["targets"] == 4 and result["shapes"]["candidates"] == 25
 

@@ -245,7 +245,7 @@ def test_prompt_graphs_are_pathways_not_stars(ctx):
     saes = ctx.saes_up_to(3)
     ids = ctx.prompt_ids["risky"]
     p = ids.shape[1] - 1
-    state, graphs = prompt_graphs(ctx.model, saes, ids, [Target("L3-56", 3, 56, p)], BET, STOP,
+    state, graphs, _ = prompt_graphs(ctx.model, saes, ids, [Target("L3-56", 3, 56, p)], BET, STOP,
                                   max_nodes=60, batch_size=16)
     (g,) = graphs
     inner = [(s, d) for s, d in g.edges if s[0] == "f" and d[0] == "f"]

@@ -390,3 +390,40 @@ def test_pathflow_graphs_serves_a_run(run_dir, circuit_tracer, tmp_path):
     r = subprocess.run([sys.executable, "-m", "pathflow", "graphs", run_id, "--store", str(store), "--frontend",
                         str(tmp_path)], capture_output=True, text=True, env=clean_env(), timeout=60)
     assert r.returncode == 2 and "has no index.html" in r.stderr
+
+
+def test_graphs_zarr_is_sparse_and_its_last_position_is_jacobians_zarr(run_dir):
+    """graphs.zarr keeps every position's weights over the active entries only, labelled; at the
+    target's position they are jacobians.zarr's attributions (both stored at keepbits 7)."""
+    import numpy as np
+    import xarray as xr
+    import zarr
+
+    from storage.arrays import attribution, node_attribution, open_jacobians
+
+    jac = open_jacobians(str(run_dir / "jacobians.zarr"), mode="r")
+    root = zarr.open_group(str(run_dir / "graphs.zarr"), mode="r")
+    targets = list(jac.attrs["targets"])
+    checked = 0
+    for prompt in jac.attrs["prompts"]:
+        g = root[prompt]
+        p = g.attrs["position"]
+        assert p == jac.attrs["positions"][prompt]
+        n, m = g.attrs["n_tokens"], g["node_layer"].shape[0]
+        d_sae = jac["grad"].shape[-1]
+        assert m < 0.2 * n * len(set(g["node_layer"][:])) * d_sae  # sparse: the active entries only
+        ds = xr.open_zarr(str(run_dir / "graphs.zarr"), group=prompt, consolidated=False)
+        assert ds["weight"].dims == ("target", "node") and list(ds["target"].values) == list(g.attrs["targets"])
+        for name in g.attrs["targets"]:
+            row = targets.index(name)
+            layer = int(name.split("-")[0][1:])
+            want = attribution(jac, [row])[0, list(jac.attrs["prompts"]).index(prompt)]
+            for up in range(layer):
+                got = node_attribution(g, name, up, p)
+                for f, a in got.items():
+                    assert a == pytest.approx(float(want[up, f]), rel=2e-2, abs=1e-6)
+                    checked += 1
+            # nothing at or above the target's layer, nothing after its position
+            sel = g["node_layer"][:] >= layer
+            assert np.all(g["weight"][list(g.attrs["targets"]).index(name)][sel] == 0)
+    assert checked > 20
