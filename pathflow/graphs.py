@@ -319,6 +319,7 @@ class Graph:
     target_pre: float
     decision: float
     decision_gradient: float  # ∂decision/∂f_target at the target's position
+    replay: dict = None  # {feature node: {"predicted", "actual", "decision"}}: each kept feature ablated
 
 
 def _batches(items: list, size: int):
@@ -364,6 +365,7 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
         w = node_weights(state, saes, g)
         for r, k in enumerate(chunk):
             incoming[k] = _row(w, r, state, k[1], k[2])
+    replayed = replay_nodes(model, saes, input_ids, state, inner, targets, (bet, stop), batch_size)
     graphs = []
     decision = float(dec.value[0])
     dense["decision"] = _flat(dec_w, 0, state)
@@ -387,8 +389,11 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
         weight_of = {T: 0.5, D: 0.5, **{k: infl[k] for k in kept}}
         edges = prune_edges(edges, weight_of, edge_threshold)
         nodes, edges = drop_dangling(nodes | {T, D}, edges)
+        # the ablation's first-order prediction is −weight; replay measures the real change
+        judged = {k: {"predicted": -to_t.get(k, 0.0), "actual": replayed[k]["target"].get(t.name, 0.0),
+                      "decision": replayed[k]["decision"]} for k in nodes if k in replayed}
         graphs.append(Graph(target=t, nodes=nodes, edges=edges, influence=cum, activation=acts, target_pre=pre,
-                            decision=decision, decision_gradient=d_grad))
+                            decision=decision, decision_gradient=d_grad, replay=judged))
     return state, graphs, dense
 
 
@@ -419,6 +424,55 @@ def sparse_arrays(state: PromptState, dense: dict) -> dict:
     }
 
 
+# -- replay: the judge, at every position -----------------------------------------------------
+
+
+@torch.no_grad()
+def replay_nodes(model, saes: dict[int, SAE], input_ids: torch.Tensor, state: PromptState, nodes: list[Key],
+                 targets: list[Target], decision: tuple[int, int], batch_size: int = 8) -> dict[Key, dict]:
+    """Ablate each feature node (l, q, i) — remove f·W_D[:, i]/s from h_l[q] — and recompute the
+    positions from q onward against the prompt's cached keys/values before q; measure every
+    target's pre-activation at its position and the decision at the last token.
+
+    Returns {node: {"target": {name: Δpre}, "decision": Δdecision}}; a target before q or at or
+    below l cannot change (0)."""
+    from .model import prefix_cache, run_from
+
+    acts = _activations(state)
+    top = len(decoder_layers(model)) - 1
+    out: dict[Key, dict] = {}
+    for q in sorted({k[2] for k in nodes}):
+        at_q = [k for k in nodes if k[2] == q]
+        prefix = prefix_cache(model, input_ids, q) if q > 0 else None
+        for chunk in _batches(at_q, batch_size):
+            rows = 1 + len(chunk)  # row 0: the unedited baseline
+            by_layer: dict[int, torch.Tensor] = {}
+            for r, k in enumerate(chunk, start=1):
+                sae = saes[k[1]]
+                d = by_layer.setdefault(k[1], torch.zeros(rows, sae.d_model, dtype=sae.W_dec.dtype))
+                d[r] -= acts[k] * sae.decoder_direction(k[3])
+            edits = {l: (lambda h, d=d: torch.cat([h[:, :1] + d.to(h.dtype)[:, None], h[:, 1:]], 1))
+                     for l, d in by_layer.items()}
+            with resid_hooks(model, capture={t.layer for t in targets} | {top}, edits=edits) as hs:
+                if prefix is None:
+                    _forward(model, input_ids.expand(rows, -1))
+                else:
+                    run_from(model, prefix, input_ids, rows)
+            dec = logit_difference(model, hs[top][:, -1], *decision).float()
+            for r, k in enumerate(chunk, start=1):
+                out[k] = {"decision": float(dec[r] - dec[0]), "target": {}}
+            for t in targets:
+                if t.pos < q:  # the edit comes after the target's token
+                    for k in chunk:
+                        out[k]["target"][t.name] = 0.0
+                    continue
+                sae = saes[t.layer]
+                pre = sae.pre(hs[t.layer][:, t.pos - q].to(sae.W_enc.dtype))[:, t.feature].float()
+                for r, k in enumerate(chunk, start=1):
+                    out[k]["target"][t.name] = float(pre[r] - pre[0]) if k[1] < t.layer else 0.0
+    return out
+
+
 # -- circuit-tracer's JSON -------------------------------------------------------------------
 
 
@@ -444,11 +498,18 @@ def graph_json(g: Graph, state: PromptState, tokens: list[str], prompt_text: str
         if k[0] == "f" or k[0] == "t":
             layer, pos, fid = (k[1], k[2], k[3]) if k[0] == "f" else (t.layer, t.pos, t.feature)
             name = f"L{layer}-{fid}"
+            judged = (g.replay or {}).get(k)
+            clerp = f"{name} (target: pre-activation {g.target_pre:+.3g})" if k[0] == "t" else name
+            extra = {}
+            if judged:
+                agrees = bool(judged["predicted"] * judged["actual"] > 0)
+                clerp += f" · replayed Δ{judged['actual']:+.3g} {'✓' if agrees else '✗'}"
+                extra = {"predicted_change": judged["predicted"], "replayed_change": judged["actual"],
+                         "replayed_decision_change": judged["decision"], "validated": agrees}
             return {**base, "node_id": f"{layer}_{fid}_{pos}", "feature": cantor(layer, fid), "layer": str(layer),
                     "ctx_idx": pos, "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{fid}-0",
-                    "clerp": f"{name} (target: pre-activation {g.target_pre:+.3g})" if k[0] == "t" else name,
-                    "influence": 0.0 if k[0] == "t" else base["influence"],
-                    "activation": g.activation.get(("f", layer, pos, fid), 0.0), "pathflow_feature": name}
+                    "clerp": clerp, "influence": 0.0 if k[0] == "t" else base["influence"],
+                    "activation": g.activation.get(("f", layer, pos, fid), 0.0), "pathflow_feature": name, **extra}
         if k[0] == "e":
             return {**base, "node_id": f"0_{k[1]}_{k[2]}", "feature": -1, "layer": str(k[1]), "ctx_idx": k[2],
                     "feature_type": "mlp reconstruction error", "jsNodeId": f"{k[1]}_{k[2]}-0",
@@ -473,6 +534,7 @@ def graph_json(g: Graph, state: PromptState, tokens: list[str], prompt_text: str
                      # the page's graph list shows "{title_prefix} {scan} — {prompt}": say whose graph it is
                      "title_prefix": f"{t.name} on {(info or {}).get('prompt_name', '')}:".replace(" on :", ":"),
                      "info": {"generator": "pathflow", "target": t.name, "position": t.pos,
+                              "replay": _replay_summary(g),
                               "decision": decision_label, "decision_value": g.decision,
                               "decision_gradient": g.decision_gradient, **(info or {})}},
         "qParams": {"pinnedIds": [target_id, logit_id], "supernodes": [], "linkType": "both", "clickedId": target_id,
@@ -480,6 +542,13 @@ def graph_json(g: Graph, state: PromptState, tokens: list[str], prompt_text: str
         "nodes": list(nodes.values()),
         "links": links,
     }
+
+
+def _replay_summary(g: Graph) -> dict:
+    """How replay judged the graph's kept features: how many, and the share whose sign agrees."""
+    judged = [j for j in (g.replay or {}).values() if j["predicted"]]
+    agree = [j["predicted"] * j["actual"] > 0 for j in judged]
+    return {"n_replayed": len(judged), "sign_agreement": sum(agree) / len(agree) if agree else None}
 
 
 def _order(k: Key) -> tuple:

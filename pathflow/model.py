@@ -270,3 +270,19 @@ def run_last(model, prefix: PrefixCache, rows: int) -> None:
                     **{_cache_kwarg(model): cache})
     except _StopForward:
         pass
+
+
+def run_from(model, prefix: PrefixCache, input_ids: torch.Tensor, rows: int) -> None:
+    """Forward positions p.. of ``input_ids`` [1, n] as ``rows`` copies against the cached keys/values
+    of [0, p) (hooks see [rows, n - p, d_model]): an edit at p reaches every later position."""
+    from transformers import DynamicCache
+
+    p, n = prefix.position, input_ids.shape[1]
+    cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
+                                         for k, v in prefix.kv])
+    pos = torch.arange(p, n, device=input_ids.device).expand(rows, -1)
+    try:
+        model.model(input_ids=input_ids[:, p:].expand(rows, -1), position_ids=pos, use_cache=True,
+                    **{_cache_kwarg(model): cache})
+    except _StopForward:
+        pass

@@ -256,6 +256,10 @@ def test_prompt_graphs_are_pathways_not_stars(ctx):
     assert all(k in sources for k in g.nodes if k[0] in ("f", "e"))
     assert (("t",), ("D",)) in g.edges or g.decision_gradient * g.activation.get(("f", 3, p, 56), 0.0) == 0
     assert sum(k[0] in ("f", "e") for k in g.nodes) <= 60
+    # replay judged every kept feature, at its own position; most agree with the gradient in sign
+    assert {k for k in g.nodes if k[0] == "f"} <= set(g.replay)
+    judged = [j for j in g.replay.values() if abs(j["predicted"]) > 1e-3]
+    assert judged and sum(j["predicted"] * j["actual"] > 0 for j in judged) / len(judged) > 0.7
 
 
 def test_replay_measures_the_decision_free_and_with_the_target_held(ctx):
@@ -312,3 +316,38 @@ def test_replay_measures_the_decision_free_and_with_the_target_held(ctx):
     # not at the last token: no decision fields (the decision is read there)
     _, early = replay(ctx.model, saes, ids, layer, feature, cands, position=n - 3, decision=(BET, STOP))
     assert "decision_change" not in early[0]
+
+
+def test_nodes_at_earlier_positions_are_replayed_from_there_on(ctx):
+    """A node at q < p is ablated at q and positions q.. recomputed against the cache before q:
+    the same change as a full forward with that edit, for the target and the decision."""
+    from pathflow.graphs import replay_nodes
+
+    saes = ctx.saes_up_to(3)
+    ids = ctx.prompt_ids["safe"]
+    n = ids.shape[1]
+    state = prompt_state(ctx.model, saes, ids)
+    pos, feat, val = state.acts[1]
+    nodes = [("f", 1, int(pos[j]), int(feat[j])) for j in range(len(pos)) if int(pos[j]) in (0, n - 7, n - 2)]
+    nodes = [k for q in (0, n - 7, n - 2) for k in [k for k in nodes if k[2] == q][:2]]
+    assert {k[2] for k in nodes} == {0, n - 7, n - 2}
+    targets = [Target("L3-5", 3, 5, n - 1), Target("L2-17", 2, 17, n - 4)]
+    got = replay_nodes(ctx.model, saes, ids, state, nodes, targets, (BET, STOP), batch_size=2)
+    with torch.no_grad():
+        base = ctx.model(ids).logits[0, -1]
+    for k in nodes:
+        a = float(val[[j for j in range(len(pos)) if (1, int(pos[j]), int(feat[j])) == k[1:]][0]])
+
+        def ablate(h, q=k[2], d=saes[1].decoder_direction(k[3]) * a):
+            h = h.clone()
+            h[:, q] -= d
+            return h
+
+        for t in targets:
+            want = _pre_at(ctx, ids, t.layer, t.feature, t.pos, {1: ablate}) - _pre_at(ctx, ids, t.layer, t.feature,
+                                                                                        t.pos)
+            assert got[k]["target"][t.name] == pytest.approx(want, abs=1e-5), (k, t.name)
+        with torch.no_grad(), resid_hooks(ctx.model, edits={1: ablate}):
+            moved = ctx.model(ids).logits[0, -1]
+        assert got[k]["decision"] == pytest.approx(float((moved[BET] - moved[STOP]) - (base[BET] - base[STOP])),
+                                                   abs=1e-4)

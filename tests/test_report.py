@@ -107,6 +107,9 @@ def test_graphs_are_circuit_tracers_format(run_dir, circuit_tracer):
         assert infl and all(0 < v <= 1 for v in infl)
         assert all(x["attribution"] == -x["weight"] for x in links)  # pathflow's ablation sign kept beside
         assert any(x["target"] not in (t["node_id"], logit["node_id"]) for x in links)  # not a star
+        upstream = [n for n in nodes if n["feature_type"] == "cross layer transcoder" and n is not t]
+        assert upstream and all("replayed_change" in n and "validated" in n for n in upstream)  # replay judged
+        assert md["info"]["replay"]["n_replayed"] > 0
 
 
 def test_graphs_in_circuit_tracers_frontend(run_dir, circuit_tracer, tmp_path):
