@@ -100,6 +100,72 @@ def pathway_view(feature: str, layer: int, candidates: list[dict], width: int = 
             "target": {"x": round(tx, 1), "y": round(ty, 1), "label": feature}, "axis_y": height - 4}
 
 
+def graph_view(doc: dict, max_edges: int = 400) -> dict:
+    """A whole-prompt attribution graph (circuit-tracer's JSON, ``pathflow.graphs.graph_json``) as the
+    report draws it: token positions across, layers up (embeddings at the bottom, the decision at
+    the top), edges coloured by activation × gradient (blue raises its target, red lowers it). Only
+    the positions with a node are columns; the ``max_edges`` strongest edges are drawn."""
+    md = doc["metadata"]
+    tokens = md["prompt_tokens"]
+    ids = {n["node_id"]: n for n in doc["nodes"]}
+    links = sorted(doc["links"], key=lambda x: -abs(x["weight"]))[:max_edges]
+    used = {x["source"] for x in links} | {x["target"] for x in links}
+    shown = [n for n in doc["nodes"] if n["node_id"] in used or n["feature_type"] != "embedding"]
+    cols = sorted({n["ctx_idx"] for n in shown})
+    layers = sorted({int(n["layer"]) for n in shown if n["layer"] != "E"})
+    rows = ["E"] + [str(l) for l in layers]  # bottom to top; the logit node's layer is the highest
+    step, left, top, row_h = 24, 70, 24, 46
+    width = left + step * max(1, len(cols)) + 40
+    height = top + row_h * len(rows) + 110
+    col = {c: left + step * (i + 0.5) for i, c in enumerate(cols)}
+    row = {r: top + row_h * (len(rows) - 1 - i) + row_h / 2 for i, r in enumerate(rows)}
+    # features sharing a (position, layer) cell sit side by side within it
+    cell: dict[tuple, list] = {}
+    for n in shown:
+        cell.setdefault((n["ctx_idx"], n["layer"]), []).append(n)
+    xy = {}
+    for (c, layer), group in cell.items():
+        for i, n in enumerate(group):
+            dx = (i - (len(group) - 1) / 2) * min(7.0, 18.0 / max(1, len(group) - 1)) if len(group) > 1 else 0.0
+            xy[n["node_id"]] = (round(col[c] + dx, 1), round(row[layer], 1))
+    wmax = max((abs(x["weight"]) for x in links), default=1.0) or 1.0
+    edges = []
+    for x in reversed(links):  # the strongest drawn last, on top
+        (x1, y1), (x2, y2) = xy[x["source"]], xy[x["target"]]
+        edges.append({"x1": x1, "y1": y1, "x2": x2, "y2": y2, "colour": RAISES if x["weight"] >= 0 else LOWERS,
+                      "width": round(0.4 + 4 * abs(x["weight"]) / wmax, 2),
+                      "title": f"{_node_name(ids[x['source']])} → {_node_name(ids[x['target']])}: "
+                               f"activation × gradient {x['weight']:+.3g}"})
+    nodes = []
+    for n in shown:
+        kind = {"embedding": "embedding", "logit": "decision", "mlp reconstruction error": "error"}.get(
+            n["feature_type"], "feature")
+        if n["node_id"] == doc["qParams"]["pinnedIds"][0]:
+            kind = "target"
+        x, y = xy[n["node_id"]]
+        nodes.append({"x": x, "y": y, "kind": kind, "validated": n.get("validated", True),
+                      "title": _node_name(n) + (f" at “{show_token(tokens[n['ctx_idx']])}”" if kind != "decision"
+                                                else "") + (f" · {n['clerp']}" if n.get("clerp") else "")})
+    axis = [{"x": round(col[c], 1), "y": height - 100, "label": show_token(tokens[c])[:14]} for c in cols]
+    ylabels = [{"y": round(row[r], 1), "label": "emb" if r == "E" else
+                ("decision" if r == str(max(layers, default=0)) and any(n["feature_type"] == "logit" and
+                                                                        n["layer"] == r for n in shown)
+                 else f"L{r}")} for r in rows]
+    return {"width": width, "height": height, "edges": edges, "nodes": nodes, "axis": axis, "ylabels": ylabels,
+            "slug": md["slug"], "n_edges": len(doc["links"]), "n_drawn": len(links),
+            "replay": (md.get("info") or {}).get("replay") or {}}
+
+
+def _node_name(n: dict) -> str:
+    if n["feature_type"] == "embedding":
+        return "embedding"
+    if n["feature_type"] == "logit":
+        return n.get("clerp", "decision").split(" (p=")[0]
+    if "error" in n["feature_type"]:
+        return f"L{n['layer']} SAE error"
+    return n.get("pathflow_feature") or f"L{n['layer']} #{n['feature']}"
+
+
 def scatter_view(points: list[dict], width: int = 380, height: int = 320) -> dict:
     """Predicted (x) vs replayed (y) change. points: [{predicted, actual, agrees, title}]. Above
     MAX_POINTS the points are binned (a 2-D histogram, darker = more)."""
@@ -199,8 +265,10 @@ def feature_url(template: str | None, r: dict) -> str | None:
     return template.format(layer=r["layer"], feature_id=r["feature_id"]) if template else None
 
 
-def feature_page(r: dict, run_id: str, neuronpedia_url: str | None = None, traced: set[str] | None = None) -> str:
-    """One feature's self-contained page. r: an integrated record (``feature_record``)."""
+def feature_page(r: dict, run_id: str, neuronpedia_url: str | None = None, traced: set[str] | None = None,
+                 graphs: dict[str, dict] | None = None) -> str:
+    """One feature's self-contained page. r: an integrated record (``feature_record``); graphs: its
+    whole-prompt graphs by prompt (circuit-tracer's JSON), drawn where given."""
     t = r.get("tokens") or {}
     reads = [dict(h, top=max([h["value"]] + [x["value"] for x in h.get("tokens", [])])) for h in t.get("reads", [])]
     top_read = max((h["value"] for h in reads), default=0.0)
@@ -212,7 +280,8 @@ def feature_page(r: dict, run_id: str, neuronpedia_url: str | None = None, trace
                                                                                          cands),
                         "candidates": sorted(cands, key=lambda c: -abs(c["attribution"])),
                         "decision": any("decision_change" in c for c in cands),
-                        "graph": (r.get("graphs") or {}).get(prompt)})
+                        "graph": (r.get("graphs") or {}).get(prompt),
+                        "graph_view": graph_view(graphs[prompt]) if graphs and prompt in graphs else None})
     changes = [{"patched": contrast_name(k)[0], "baseline": contrast_name(k)[1], **v}
                for k, v in (t.get("changes") or {}).items()]
     study = [(k, v) for k, v in (r.get("study") or {}).items() if not isinstance(v, (dict, list))]
@@ -259,10 +328,14 @@ def index_page(records: list[dict], run_id: str) -> str:
         rank_key=rows[0]["rank_key"] if rows else "rank")
 
 
-def report_pages(records: list[dict], run_id: str, neuronpedia_url: str | None = None) -> dict[str, str]:
-    """Every page of a run's report, by path under ``integrated/``."""
+def report_pages(records: list[dict], run_id: str, neuronpedia_url: str | None = None,
+                 graph=lambda slug: None) -> dict[str, str]:
+    """Every page of a run's report, by path under ``integrated/``. ``graph(slug)``: a whole-prompt
+    graph's JSON (read one at a time, so a study's graphs are never all in memory)."""
     traced = {r["feature"] for r in records}
     pages = {"report.html": index_page(records, run_id)}
     for r in records:
-        pages[f"features/{r['feature']}.html"] = feature_page(r, run_id, neuronpedia_url, traced)
+        docs = {prompt: graph(slug) for prompt, slug in (r.get("graphs") or {}).items()}
+        pages[f"features/{r['feature']}.html"] = feature_page(r, run_id, neuronpedia_url, traced,
+                                                              {k: v for k, v in docs.items() if v})
     return pages

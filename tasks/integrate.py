@@ -47,7 +47,8 @@ def integrate_features(cfg: Config, store_url: str, run_id: str, targets: list[d
         run.write_text("integrated/summary.csv", to_csv(rows))
         md = report_md(records, run_id)
         run.write_text("integrated/report.md", md)
-        for path, page in report_pages(records, run_id, cfg.report.neuronpedia_url).items():
+        for path, page in report_pages(records, run_id, cfg.report.neuronpedia_url,
+                                       lambda slug: run.read_json(f"integrated/graphs/{slug}.json")).items():
             run.write_text(f"integrated/{path}", page)
     create_table_artifact(key="pathflow-pathways", table=table_rows(rows, TABLE_ROWS),
                           description=table_description(run, len(rows)))

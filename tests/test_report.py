@@ -220,6 +220,17 @@ def test_report_pages_in_headless_chromium(run_dir, tmp_path):
     want = {(c["feature"], RAISES if -c["attribution"] >= 0 else LOWERS) for cs in r["candidates"].values()
             for c in cs}
     assert {(title.split(" → ")[0], colour) for colour, title in seen["edge_colours"]} == want
+    # the whole-prompt graphs, one per prompt with a graph: the prompt's tokens across, layers up to the decision
+    assert sorted(g["slug"] for g in seen["graphs"]) == sorted(r["graphs"].values()) and seen["graphs"]
+    for g in seen["graphs"]:
+        doc = json.loads((run_dir / f"integrated/graphs/{g['slug']}.json").read_text())
+        assert g["edges"] and {k for k in g["kinds"]} >= {"target", "decision", "embedding", "feature"}
+        assert g["rows"][0] == "emb" and g["rows"][-1] == "decision" and "L0" in g["rows"]
+        shown = [show_token(t)[:14] for t in doc["metadata"]["prompt_tokens"]]
+        assert g["tokens"] and all(t in shown for t in g["tokens"])
+        for colour, title in g["edges"]:
+            weight = float(title.rsplit("gradient ", 1)[1])
+            assert colour == (RAISES if weight >= 0 else LOWERS), title
     unvalidated = sum(not c["validated"] for cs in r["candidates"].values() for c in cs)
     assert seen["hidden_after_switch"] == unvalidated
     # top activations: every token coloured by its activation, the strongest the darkest

@@ -69,6 +69,14 @@ async function featurePages() {
   seen.legend = await texts(".legend");
   seen.edge_colours = await page.$$eval("svg.pathway path", (ps) => ps.map((p) => [p.getAttribute("stroke"),
     p.querySelector("title").textContent]));
+  // the whole-prompt graphs: positions across, layers up, edges coloured by their sign
+  seen.graphs = await page.$$eval("svg.graph", (gs) => gs.map((g) => ({
+    slug: g.dataset.slug,
+    edges: [...g.querySelectorAll("line.edge")].map((e) => [e.getAttribute("stroke"), e.querySelector("title").textContent]),
+    tokens: [...g.querySelectorAll("text.token")].map((t) => t.textContent),
+    rows: [...g.querySelectorAll("text.axis:not(.token)")].map((t) => t.textContent),
+    kinds: [...g.querySelectorAll(".gnode")].map((n) => n.getAttribute("class").split(" ")[1]),
+  })));
   seen.token_backgrounds = await page.$$eval(".ctx span", (ss) => ss.map((s) => [s.textContent,
     getComputedStyle(s).backgroundColor, s.title]));
   seen.histogram_bars = await page.$$eval("svg.histogram rect.bar title", (ts) => ts.map((t) => t.textContent));
