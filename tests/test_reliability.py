@@ -655,3 +655,14 @@ def test_an_unreachable_store_is_one_line_naming_the_environment(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     (line,) = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert "127.0.0.1:9" in line and "check the store URL" in line and "bug" not in line
+
+
+def test_decision_answers_are_checked_against_the_tokenizer_before_any_work(demo_cfg, tmp_path, capsys):
+    """An answer that is not one token of the model's tokenizer stops `pathflow run` before a server
+    starts or a run folder is made, naming the key and what the tokenizer made of it."""
+    cfg = demo_cfg.model_copy(deep=True)
+    cfg.decision.bet = "Bet 1"
+    store = tmp_path / "store"
+    code, out = call(["run", "-c", _cfg_file(cfg, tmp_path), "--store", store], capsys)
+    one_line_error(code, out, "decision.bet 'Bet 1' is 3 tokens")
+    assert code == 2 and not store.exists()
