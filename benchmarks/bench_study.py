@@ -34,7 +34,8 @@ CONDITIONS = ["safe_baseline", "safe_with_safe_patch", "safe_with_risky_patch", 
 STEPS = ("audit", "select", "pathways", "tokens", "graphs", "integrate")
 # The real study (LLaMA-3.1-8B + LlamaScope 32K): targets, prompts, layers, SAE width; targets spread
 # over layers 1–31, so a target has on average 16 upstream layers.
-REAL = {"targets": 1550, "prompts": 2, "mean_upstream_layers": 16.0, "d_sae": 32768}
+REAL = {"targets": 1550, "prompts": 2, "mean_upstream_layers": 16.0, "d_sae": 32768,
+        "tokens": 120, "layers": 32, "active_per_token": 50}  # LlamaScope's L0 is about 50
 
 
 def _response(rng: random.Random, p_stop: float) -> dict:
@@ -116,7 +117,7 @@ def output_bytes(run_dir: Path) -> dict[str, int]:
              "integrated/features.json": run_dir / "integrated" / "features.json",
              "integrated/report.html (index)": run_dir / "integrated" / "report.html",
              "integrated/features (pages)": run_dir / "integrated" / "features",
-             "integrated/graphs": run_dir / "integrated" / "graphs"}
+             "integrated/graphs": run_dir / "integrated" / "graphs", "graphs.zarr": run_dir / "graphs.zarr"}
     out = {k: folder_bytes(p) if p.is_dir() else (p.stat().st_size if p.exists() else 0) for k, p in kinds.items()}
     out["total"] = folder_bytes(run_dir)
     return out
@@ -135,12 +136,24 @@ def projection(run_dir: Path, sizes: dict[str, int]) -> dict:
     n = len(g.attrs["targets"])
     per_feature = {k: sizes[k] / max(1, n) * REAL["targets"] for k in
                    ("pathways", "tokens", "integrated/features.json", "integrated/report.html (index)",
-                    "integrated/features (pages)", "integrated/graphs")}
+                    "integrated/features (pages)")}
     store = per_value * real_values + sizes["jacobians.zarr/activation"] / g["activation"].shape[2] \
         * REAL["d_sae"] * 32 / g["activation"].shape[1]
+    # the graphs: as many as graphs.max_targets allows, each at most graphs.max_nodes nodes, so their JSON
+    # stays what it is here; graphs.zarr grows with the active entries (positions × layers × L0)
+    gz = zarr.open_group(str(run_dir / "graphs.zarr"), mode="r") if (run_dir / "graphs.zarr").exists() else None
+    graphs = {"integrated/graphs": sizes["integrated/graphs"], "graphs.zarr": 0.0}
+    if gz is not None and len(gz):
+        values = sum(gz[p]["weight"].size for p in gz.group_keys())
+        per_weight = sizes["graphs.zarr"] / max(1, values)
+        graphed = gz[next(iter(gz.group_keys()))]["weight"].shape[0]
+        graphs["graphs.zarr"] = per_weight * graphed * REAL["prompts"] * REAL["tokens"] * REAL["layers"] \
+            * REAL["active_per_token"]
+        graphs["graphs_zarr_bytes_per_weight"] = per_weight
     return {"keepbits": g.attrs.get("keepbits"), "grad_bytes_per_value": per_value,
-            "jacobians_zarr_bytes": store, "per_feature_outputs_bytes": per_feature,
-            "run_folder_bytes": store + sum(per_feature.values())}
+            "jacobians_zarr_bytes": store, "per_feature_outputs_bytes": per_feature, "graphs": graphs,
+            "run_folder_bytes": store + sum(per_feature.values()) + graphs["integrated/graphs"]
+            + graphs["graphs.zarr"]}
 
 
 def main(argv=None) -> dict:

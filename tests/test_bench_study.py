@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +33,10 @@ def test_bench_study_small(demo_dir, tmp_path):
     # the projection is the measured bytes per stored value times the real study's values
     values = 1550 * 2 * 16 * 32768
     assert abs(p["jacobians_zarr_bytes"] - p["grad_bytes_per_value"] * values) < 0.01 * p["jacobians_zarr_bytes"]
+    # graphs.zarr: its measured bytes per weight times the real study's active entries of the graphed targets
+    g = p["graphs"]
+    assert b["graphs.zarr"] > 0 and g["graphs.zarr"] == pytest.approx(
+        g["graphs_zarr_bytes_per_weight"] * 20 * 2 * 120 * 32 * 50, rel=1e-6)
     (run_dir,) = (tmp_path / "store-20" / "0" / "runs").iterdir()
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
     # the study it made is in the real formats: cumulative checkpoints, 10 trials x 6 conditions a feature
