@@ -166,8 +166,9 @@ class NodeWeights:
 
 def node_weights(state: PromptState, saes: dict[int, SAE], grads: Gradients) -> NodeWeights:
     feature, error = {}, {}
-    layer_of = torch.tensor([o.layer for o in grads.outputs])
-    pos_of = torch.tensor([o.pos for o in grads.outputs])
+    device = grads.emb.device
+    layer_of = torch.tensor([o.layer for o in grads.outputs], device=device)
+    pos_of = torch.tensor([o.pos for o in grads.outputs], device=device)
     n = len(state.ids)
     for l, g in grads.resid.items():
         if l not in state.acts:
@@ -180,7 +181,7 @@ def node_weights(state: PromptState, saes: dict[int, SAE], grads: Gradients) -> 
         live = (layer_of[:, None] > l) & (pos[None, :] <= pos_of[:, None])
         feature[l] = torch.where(live, w, torch.zeros_like(w)).float()
         e = (g * state.err[l][None]).sum(-1)  # [k, n]
-        error[l] = torch.where((layer_of[:, None] > l) & (torch.arange(n)[None] <= pos_of[:, None]), e,
+        error[l] = torch.where((layer_of[:, None] > l) & (torch.arange(n, device=device)[None] <= pos_of[:, None]), e,
                                torch.zeros_like(e)).float()
     emb = (grads.emb * state.emb[None].to(grads.emb.dtype)).sum(-1).float()
     return NodeWeights(feature=feature, error=error, emb=emb)
@@ -245,15 +246,15 @@ def _row(nw: NodeWeights, r: int, state: PromptState, below: int, upto: int) -> 
     for l, w in nw.feature.items():
         if l >= below:
             continue
-        pos, feat, _ = state.acts[l]
-        for j in torch.nonzero((pos <= upto) & (w[r] != 0)).flatten().tolist():
-            out[("f", l, int(pos[j]), int(feat[j]))] = float(w[r, j])
+        pos, feat = state.acts[l][0].cpu(), state.acts[l][1].cpu()  # one copy off the GPU, not one per entry
+        row = w[r].cpu()
+        keep = torch.nonzero((pos <= upto) & (row != 0)).flatten()
+        out.update({("f", l, q, i): v for q, i, v in zip(pos[keep].tolist(), feat[keep].tolist(),
+                                                         row[keep].tolist())})
     for l, w in nw.error.items():
         if l < below:
-            for q in range(upto + 1):
-                out[("e", l, q)] = float(w[r, q])
-    for q in range(upto + 1):
-        out[("E", q)] = float(nw.emb[r, q])
+            out.update({("e", l, q): v for q, v in enumerate(w[r, : upto + 1].tolist())})
+    out.update({("E", q): v for q, v in enumerate(nw.emb[r, : upto + 1].tolist())})
     return out
 
 
@@ -319,7 +320,7 @@ class Graph:
     target_pre: float
     decision: float
     decision_gradient: float  # ∂decision/∂f_target at the target's position
-    replay: dict = None  # {feature node: {"predicted", "actual", "decision"}}: each kept feature ablated
+    replay: dict | None = None  # {feature node: {"predicted", "actual", "decision"}}: each kept feature ablated
 
 
 def _batches(items: list, size: int):
@@ -338,9 +339,10 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
                   node_threshold: float = 0.8, edge_threshold: float = 0.98, max_nodes: int | None = None,
                   batch_size: int = 8) -> tuple[PromptState, list[Graph], dict]:
     """Every target's graph on one prompt ``input_ids`` [1, n]. ``saes``: every layer up to the
-    highest target's. Three batched backwards: the decision (once), the targets, then every node
-    some graph kept (each once, however many graphs share it). Also returns every target's (and
-    the decision's) weights over all active entries, unpruned (``sparse_arrays``)."""
+    highest target's. Three batched backwards — the decision (once), the targets, then every node
+    some graph kept (each once, however many graphs share it) — and the kept nodes' replays
+    (``replay_nodes``). Also returns every target's (and the decision's) weights over all active
+    entries, unpruned, on the CPU (``sparse_arrays``)."""
     state = prompt_state(model, saes, input_ids)
     n = len(state.ids)
     acts = _activations(state)
@@ -398,12 +400,13 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
 
 
 def _flat(nw: NodeWeights, r: int, state: PromptState) -> dict[str, torch.Tensor]:
-    """Row ``r`` over every active entry (layers in order), every error term and embedding."""
+    """Row ``r`` over every active entry (layers in order), every error term and embedding, on the CPU."""
     layers = sorted(state.acts)
-    return {"weight": torch.cat([nw.feature[l][r] if l in nw.feature else torch.zeros(len(state.acts[l][0]))
+    return {"weight": torch.cat([nw.feature[l][r].cpu() if l in nw.feature else torch.zeros(len(state.acts[l][0]))
                                  for l in layers]),
-            "error": torch.stack([nw.error[l][r] if l in nw.error else torch.zeros(len(state.ids)) for l in layers]),
-            "embedding": nw.emb[r]}
+            "error": torch.stack([nw.error[l][r].cpu() if l in nw.error else torch.zeros(len(state.ids))
+                                  for l in layers]),
+            "embedding": nw.emb[r].cpu()}
 
 
 def sparse_arrays(state: PromptState, dense: dict) -> dict:
@@ -412,9 +415,9 @@ def sparse_arrays(state: PromptState, dense: dict) -> dict:
     rows = dense["targets"]
     return {
         "node_layer": torch.cat([torch.full((len(state.acts[l][0]),), l) for l in layers]).int().numpy(),
-        "node_position": torch.cat([state.acts[l][0] for l in layers]).int().numpy(),
-        "node_feature": torch.cat([state.acts[l][1] for l in layers]).int().numpy(),
-        "activation": torch.cat([state.acts[l][2] for l in layers]).float().numpy(),
+        "node_position": torch.cat([state.acts[l][0] for l in layers]).int().cpu().numpy(),
+        "node_feature": torch.cat([state.acts[l][1] for l in layers]).int().cpu().numpy(),
+        "activation": torch.cat([state.acts[l][2] for l in layers]).float().cpu().numpy(),
         "weight": torch.stack([r["weight"] for r in rows]).numpy(),
         "error": torch.stack([r["error"] for r in rows]).numpy(),
         "embedding": torch.stack([r["embedding"] for r in rows]).numpy(),
@@ -449,7 +452,8 @@ def replay_nodes(model, saes: dict[int, SAE], input_ids: torch.Tensor, state: Pr
             by_layer: dict[int, torch.Tensor] = {}
             for r, k in enumerate(chunk, start=1):
                 sae = saes[k[1]]
-                d = by_layer.setdefault(k[1], torch.zeros(rows, sae.d_model, dtype=sae.W_dec.dtype))
+                d = by_layer.setdefault(k[1], torch.zeros(rows, sae.d_model, dtype=sae.W_dec.dtype,
+                                                          device=sae.W_dec.device))
                 d[r] -= acts[k] * sae.decoder_direction(k[3])
             edits = {l: (lambda h, d=d: torch.cat([h[:, :1] + d.to(h.dtype)[:, None], h[:, 1:]], 1))
                      for l, d in by_layer.items()}
