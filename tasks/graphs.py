@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from pathflow.config import Config
@@ -60,4 +61,22 @@ def attribution_graphs(cfg: Config, store_url: str, run_id: str, targets: list[d
                     metadata.append(doc["metadata"])
                     slugs.setdefault(g.target.name, {})[prompt] = s
         run.write_json("integrated/graphs/graph-metadata.json", {"graphs": metadata})
+    create_markdown_artifact(key="pathflow-graphs", markdown=graphs_md(run, metadata),
+                             description=f"whole-prompt attribution graphs of run {run_id}")
     return slugs
+
+
+def graphs_md(run, metadata: list[dict], shown: int = 20) -> str:
+    """The graphs artifact: how to open them, and the first ``shown`` with replay's verdict."""
+    lines = [f"# {len(metadata)} whole-prompt attribution graphs", "",
+             f"In circuit-tracer's viewer: `pathflow graphs {run.run_id} --store {run.store.url}`; the files are "
+             f"`{run.url}/integrated/graphs/` (circuit-tracer 0.5.0's format).", "",
+             "| graph | target | nodes replayed | sign agreement | decision |", "|---|---|---|---|---|"]
+    for m in metadata[:shown]:
+        info, rp = m["info"], m["info"].get("replay") or {}
+        agree = "–" if rp.get("sign_agreement") is None else f"{rp['sign_agreement']:.2f}"
+        lines.append(f"| {m['slug']} | {info['target']} | {rp.get('n_replayed', 0)} | {agree} | "
+                     f"{info['decision_value']:+.3f} |")
+    if len(metadata) > shown:
+        lines.append(f"\n… and {len(metadata) - shown} more in `graph-metadata.json`.")
+    return "\n".join(lines) + "\n"

@@ -52,8 +52,11 @@ def test_batches_are_mapped_with_artifacts(harness, demo_cfg, tmp_path):
         "pathflow-progress",
         "pathflow-pathways",
         "pathflow-report",
+        "pathflow-graphs",
         "pathflow-run-folder",
     } <= keys
+    (graphs,) = [a for a in arts if a.key == "pathflow-graphs"]
+    assert "pathflow graphs mapped" in graphs.data and "| graph | target |" in graphs.data
     (progress,) = [a for a in arts if a.key == "pathflow-progress"]
     assert progress.data == 100.0
     (link,) = [a for a in arts if a.key == "pathflow-run-folder"]
