@@ -350,9 +350,7 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
     dec_w = node_weights(state, saes, dec)
     pending = []  # (target, its row's weights, the decision's, kept nodes, influence)
     dense: dict = {"targets": []}  # every target's weights over every active entry, for graphs.zarr
-    for chunk in _batches(targets, batch_size):
-        g = output_gradients(model, saes, input_ids, [t.output() for t in chunk])
-        w = node_weights(state, saes, g)
+    for chunk, (g, w) in _weights(model, saes, input_ids, state, targets, lambda t: t.output(), batch_size):
         for r, t in enumerate(chunk):
             dense["targets"].append(_flat(w, r, state))
             to_t = _row(w, r, state, t.layer, t.pos)
@@ -362,9 +360,8 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
     # the incoming weights of every kept feature, each computed once
     inner = sorted({k for *_, kept, _, _ in pending for k in kept if k[0] == "f"})
     incoming: dict[Key, dict[Key, float]] = {}
-    for chunk in _batches(inner, batch_size):
-        g = output_gradients(model, saes, input_ids, [Output(layer=k[1], feature=k[3], pos=k[2]) for k in chunk])
-        w = node_weights(state, saes, g)
+    as_output = lambda k: Output(layer=k[1], feature=k[3], pos=k[2])  # noqa: E731
+    for chunk, (_, w) in _weights(model, saes, input_ids, state, inner, as_output, batch_size):
         for r, k in enumerate(chunk):
             incoming[k] = _row(w, r, state, k[1], k[2])
     replayed = replay_nodes(model, saes, input_ids, state, inner, targets, (bet, stop), batch_size)
@@ -397,6 +394,19 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
         graphs.append(Graph(target=t, nodes=nodes, edges=edges, influence=cum, activation=acts, target_pre=pre,
                             decision=decision, decision_gradient=d_grad, replay=judged))
     return state, graphs, dense
+
+
+def _weights(model, saes, input_ids, state: PromptState, items: list, output, batch_size: int):
+    """(sub-batch, (Gradients, NodeWeights)) of ``items`` as outputs (``output(item)``), ``batch_size``
+    rows a backward; a batch that runs out of memory is split in halves, down to one row."""
+    from .batching import run_with_backoff
+
+    def fn(sub):
+        g = output_gradients(model, saes, input_ids, [output(x) for x in sub])
+        return g, node_weights(state, saes, g)
+
+    for chunk in _batches(items, batch_size):
+        yield from run_with_backoff(fn, chunk)
 
 
 def _flat(nw: NodeWeights, r: int, state: PromptState) -> dict[str, torch.Tensor]:
@@ -438,8 +448,9 @@ def replay_nodes(model, saes: dict[int, SAE], input_ids: torch.Tensor, state: Pr
     target's pre-activation at its position and the decision at the last token.
 
     Returns {node: {"target": {name: Δpre}, "decision": Δdecision}}; a target before q or at or
-    below l cannot change (0)."""
-    from .model import prefix_cache, run_from
+    below l cannot change (0). A batch that runs out of memory is split in halves."""
+    from .batching import run_with_backoff
+    from .model import prefix_cache
 
     acts = _activations(state)
     top = len(decoder_layers(model)) - 1
@@ -447,34 +458,45 @@ def replay_nodes(model, saes: dict[int, SAE], input_ids: torch.Tensor, state: Pr
     for q in sorted({k[2] for k in nodes}):
         at_q = [k for k in nodes if k[2] == q]
         prefix = prefix_cache(model, input_ids, q) if q > 0 else None
-        for chunk in _batches(at_q, batch_size):
-            rows = 1 + len(chunk)  # row 0: the unedited baseline
-            by_layer: dict[int, torch.Tensor] = {}
-            for r, k in enumerate(chunk, start=1):
-                sae = saes[k[1]]
-                d = by_layer.setdefault(k[1], torch.zeros(rows, sae.d_model, dtype=sae.W_dec.dtype,
-                                                          device=sae.W_dec.device))
-                d[r] -= acts[k] * sae.decoder_direction(k[3])
-            edits = {l: (lambda h, d=d: torch.cat([h[:, :1] + d.to(h.dtype)[:, None], h[:, 1:]], 1))
-                     for l, d in by_layer.items()}
-            with resid_hooks(model, capture={t.layer for t in targets} | {top}, edits=edits) as hs:
-                if prefix is None:
-                    _forward(model, input_ids.expand(rows, -1))
-                else:
-                    run_from(model, prefix, input_ids, rows)
-            dec = logit_difference(model, hs[top][:, -1], *decision).float()
-            for r, k in enumerate(chunk, start=1):
-                out[k] = {"decision": float(dec[r] - dec[0]), "target": {}}
-            for t in targets:
-                if t.pos < q:  # the edit comes after the target's token
-                    for k in chunk:
-                        out[k]["target"][t.name] = 0.0
-                    continue
-                sae = saes[t.layer]
-                pre = sae.pre(hs[t.layer][:, t.pos - q].to(sae.W_enc.dtype))[:, t.feature].float()
-                for r, k in enumerate(chunk, start=1):
-                    out[k]["target"][t.name] = float(pre[r] - pre[0]) if k[1] < t.layer else 0.0
+
+        def one(chunk, q=q, prefix=prefix):
+            _replay_chunk(model, saes, input_ids, acts, chunk, q, prefix, targets, decision, top, out)
+
+        for part in _batches(at_q, batch_size):
+            run_with_backoff(one, part)
     return out
+
+
+def _replay_chunk(model, saes, input_ids, acts, chunk, q, prefix, targets, decision, top, out) -> None:
+    """``replay_nodes`` for the nodes ``chunk`` at position q, as one batch (row 0 the baseline), into ``out``."""
+    from .model import run_from
+
+    rows = 1 + len(chunk)  # row 0: the unedited baseline
+    by_layer: dict[int, torch.Tensor] = {}
+    for r, k in enumerate(chunk, start=1):
+        sae = saes[k[1]]
+        d = by_layer.setdefault(k[1], torch.zeros(rows, sae.d_model, dtype=sae.W_dec.dtype,
+                                                  device=sae.W_dec.device))
+        d[r] -= acts[k] * sae.decoder_direction(k[3])
+    edits = {l: (lambda h, d=d: torch.cat([h[:, :1] + d.to(h.dtype)[:, None], h[:, 1:]], 1))
+             for l, d in by_layer.items()}
+    with resid_hooks(model, capture={t.layer for t in targets} | {top}, edits=edits) as hs:
+        if prefix is None:
+            _forward(model, input_ids.expand(rows, -1))
+        else:
+            run_from(model, prefix, input_ids, rows)
+    dec = logit_difference(model, hs[top][:, -1], *decision).float()
+    for r, k in enumerate(chunk, start=1):
+        out[k] = {"decision": float(dec[r] - dec[0]), "target": {}}
+    for t in targets:
+        if t.pos < q:  # the edit comes after the target's token
+            for k in chunk:
+                out[k]["target"][t.name] = 0.0
+            continue
+        sae = saes[t.layer]
+        pre = sae.pre(hs[t.layer][:, t.pos - q].to(sae.W_enc.dtype))[:, t.feature].float()
+        for r, k in enumerate(chunk, start=1):
+            out[k]["target"][t.name] = float(pre[r] - pre[0]) if k[1] < t.layer else 0.0
 
 
 # -- circuit-tracer's JSON -------------------------------------------------------------------

@@ -351,3 +351,27 @@ def test_nodes_at_earlier_positions_are_replayed_from_there_on(ctx):
             moved = ctx.model(ids).logits[0, -1]
         assert got[k]["decision"] == pytest.approx(float((moved[BET] - moved[STOP]) - (base[BET] - base[STOP])),
                                                    abs=1e-4)
+
+
+def test_graph_batches_halve_on_out_of_memory(ctx, monkeypatch, caplog):
+    """A graph batch (targets, kept nodes, replays) that runs out of memory is split in halves: the
+    same graphs come out, as from batches that fit."""
+    from pathflow.batching import SIMULATE_ENV
+
+    saes = ctx.saes_up_to(3)
+    ids = ctx.prompt_ids["safe"]
+    p = ids.shape[1] - 1
+    targets = [Target("L3-5", 3, 5, p), Target("L2-17", 2, 17, p), Target("L3-101", 3, 101, p)]
+    _, whole, dense = prompt_graphs(ctx.model, saes, ids, targets, BET, STOP, max_nodes=20, batch_size=8)
+    monkeypatch.setenv(SIMULATE_ENV, "1")  # any batch above one row "runs out of memory"
+    with caplog.at_level("WARNING", logger="pathflow.batching"):
+        _, split, dense_split = prompt_graphs(ctx.model, saes, ids, targets, BET, STOP, max_nodes=20, batch_size=8)
+    halvings = [r.getMessage() for r in caplog.records if "out of memory on a batch" in r.getMessage()]
+    assert any("batch of 3" in m for m in halvings) and any("batch of 8" in m for m in halvings)  # targets, nodes
+    for a, b in zip(whole, split):
+        assert a.nodes == b.nodes and a.edges.keys() == b.edges.keys()
+        assert all(b.edges[e] == pytest.approx(w, rel=1e-4, abs=1e-6) for e, w in a.edges.items())
+        assert a.replay.keys() == b.replay.keys()
+        assert all(b.replay[k]["actual"] == pytest.approx(v["actual"], rel=1e-4, abs=1e-6) for k, v in a.replay.items())
+    assert torch.allclose(torch.stack([r["weight"] for r in dense["targets"]]),
+                          torch.stack([r["weight"] for r in dense_split["targets"]]), atol=1e-6)
