@@ -244,7 +244,7 @@ def local(
 
     try:
         with _interruptible(run, resumable=False), prefect_api(server), console.status(
-                "running pathflow-local (audit → select → jacobians → top-k → replay → tokens → integrate)…"):
+                "running pathflow-local (audit → select → jacobians → top-k → replay → tokens → graphs → integrate)…"):
             result = run_local(cfg, feature=feature, run_id=run.run_id)
     except PathflowError as e:
         _fail(str(e), 1)

@@ -26,11 +26,12 @@ output of one more batched backward — pruned to ``edge_threshold`` of the edge
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from .model import _StopForward, decoder_layers, logit_difference, resid_hooks
+from .model import decoder_layers, logit_difference, resid_hooks, run
 from .sae import SAE
 
 # -- one prompt's forward: what every graph on it shares ------------------------------------
@@ -51,6 +52,14 @@ class PromptState:
     acts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     err: dict[int, torch.Tensor]
 
+    @functools.cached_property
+    def activations(self) -> dict[tuple, float]:
+        """{("f", layer, position, feature): activation} of every active entry."""
+        out = {}
+        for l, (pos, feat, val) in self.acts.items():
+            out.update({("f", l, q, i): v for q, i, v in zip(pos.tolist(), feat.tolist(), val.tolist())})
+        return out
+
 
 @torch.no_grad()
 def prompt_state(model, saes: dict[int, SAE], input_ids: torch.Tensor) -> PromptState:
@@ -58,7 +67,7 @@ def prompt_state(model, saes: dict[int, SAE], input_ids: torch.Tensor) -> Prompt
     layers = sorted(saes)
     emb = model.get_input_embeddings()(input_ids)[0]
     with resid_hooks(model, capture=set(layers), stop_after=max(layers)) as hs:
-        _forward(model, input_ids)
+        run(model, input_ids)
     acts, err = {}, {}
     for l in layers:
         h = hs[l][0].to(saes[l].W_enc.dtype)  # [n, d_model]
@@ -67,13 +76,6 @@ def prompt_state(model, saes: dict[int, SAE], input_ids: torch.Tensor) -> Prompt
         acts[l] = (pos, feat, f[pos, feat])
         err[l] = h - saes[l].decode(f)
     return PromptState(ids=input_ids[0].tolist(), emb=emb, acts=acts, err=err)
-
-
-def _forward(model, input_ids: torch.Tensor) -> None:
-    try:
-        model.model(input_ids=input_ids, use_cache=False)
-    except _StopForward:
-        pass
 
 
 # -- outputs and their gradients -------------------------------------------------------------
@@ -126,11 +128,7 @@ def output_gradients(model, saes: dict[int, SAE], input_ids: torch.Tensor, outpu
     ids = input_ids.expand(k, -1)
     with torch.enable_grad(), resid_hooks(model, capture=capture | ({n_layers - 1} if stop_after is None else set()),
                                           stop_after=stop_after, grad_from_embeddings=True) as hs:
-        emb_hook = model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: hs.__setitem__("emb", out))
-        try:
-            _forward(model, ids)
-        finally:
-            emb_hook.remove()
+        run(model, ids)
         values = []
         for r, o in enumerate(outputs):
             if o.is_decision:
@@ -328,13 +326,6 @@ def _batches(items: list, size: int):
         yield items[i:i + max(1, size)]
 
 
-def _activations(state: PromptState) -> dict[Key, float]:
-    out = {}
-    for l, (pos, feat, val) in state.acts.items():
-        out.update({("f", l, q, i): v for q, i, v in zip(pos.tolist(), feat.tolist(), val.tolist())})
-    return out
-
-
 def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets: list[Target], bet: int, stop: int,
                   node_threshold: float = 0.8, edge_threshold: float = 0.98, max_nodes: int | None = None,
                   batch_size: int = 8) -> tuple[PromptState, list[Graph], dict]:
@@ -345,16 +336,19 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
     entries, unpruned, on the CPU (``sparse_arrays``)."""
     state = prompt_state(model, saes, input_ids)
     n = len(state.ids)
-    acts = _activations(state)
+    acts = state.activations
     dec = output_gradients(model, saes, input_ids, [decision_output(model, bet, stop, n)])
     dec_w = node_weights(state, saes, dec)
     pending = []  # (target, its row's weights, the decision's, kept nodes, influence)
     dense: dict = {"targets": []}  # every target's weights over every active entry, for graphs.zarr
+    dec_rows: dict[tuple[int, int], dict[Key, float]] = {}
     for chunk, (g, w) in _weights(model, saes, input_ids, state, targets, lambda t: t.output(), batch_size):
         for r, t in enumerate(chunk):
             dense["targets"].append(_flat(w, r, state))
             to_t = _row(w, r, state, t.layer, t.pos)
-            to_d = _row(dec_w, 0, state, t.layer, t.pos)
+            if (t.layer, t.pos) not in dec_rows:  # the same for every target of a layer and position
+                dec_rows[t.layer, t.pos] = _row(dec_w, 0, state, t.layer, t.pos)
+            to_d = dec_rows[t.layer, t.pos]
             kept, cum, infl = select_nodes(to_t, to_d, node_threshold, max_nodes)
             pending.append((t, float(g.value[r]), to_t, to_d, kept, cum, infl))
     # the incoming weights of every kept feature, each computed once
@@ -381,7 +375,8 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
                 if u in nodes and w:
                     edges[(u, k)] = w
         a_t = acts.get(("f", t.layer, t.pos, t.feature), 0.0)
-        d_grad = float(dense_jacobian(dec, saes, 0, t.layer, t.pos)[t.feature])
+        sae = saes[t.layer]  # ∂decision/∂f_target: one column of W_D, not the whole row of dense_jacobian
+        d_grad = float(dec.resid[t.layer][0, t.pos].to(sae.W_dec.dtype) @ sae.W_dec[:, t.feature]) / sae.scale
         if a_t * d_grad:
             edges[(T, D)] = a_t * d_grad
         # the two outputs weigh half each; a kept node weighs its influence on them
@@ -452,7 +447,7 @@ def replay_nodes(model, saes: dict[int, SAE], input_ids: torch.Tensor, state: Pr
     from .batching import run_with_backoff
     from .model import prefix_cache
 
-    acts = _activations(state)
+    acts = state.activations
     top = len(decoder_layers(model)) - 1
     out: dict[Key, dict] = {}
     for q in sorted({k[2] for k in nodes}):
@@ -482,7 +477,7 @@ def _replay_chunk(model, saes, input_ids, acts, chunk, q, prefix, targets, decis
              for l, d in by_layer.items()}
     with resid_hooks(model, capture={t.layer for t in targets} | {top}, edits=edits) as hs:
         if prefix is None:
-            _forward(model, input_ids.expand(rows, -1))
+            run(model, input_ids.expand(rows, -1))
         else:
             run_from(model, prefix, input_ids, rows)
     dec = logit_difference(model, hs[top][:, -1], *decision).float()
@@ -602,6 +597,14 @@ def graph_targets(selected: list[dict], max_targets: int | None) -> list[dict]:
             if not q:
                 queues.remove(q)
     return out
+
+
+GRAPHS_DIR = "integrated/graphs"  # {slug}.json and graph-metadata.json: the folder circuit-tracer's page serves
+
+
+def graph_path(slug: str) -> str:
+    """Where a graph is in a run folder."""
+    return f"{GRAPHS_DIR}/{slug}.json"
 
 
 def slug(prompt: str, feature: str) -> str:

@@ -130,8 +130,8 @@ def resid_hooks(
     capture: layers whose output [batch, seq, d_model] is stored in the yielded dict (after edits);
     edits: layer -> fn(hidden) -> hidden, applied to that layer's output;
     stop_after: abort the forward once this layer has run (use with ``run``);
-    grad_from_embeddings: make the embedding output a grad-requiring leaf, so that the
-        residual stream is differentiable while the parameters stay frozen.
+    grad_from_embeddings: make the embedding output a grad-requiring leaf (kept as ``store["emb"]``),
+        so that the residual stream is differentiable while the parameters stay frozen.
     """
     edits = edits or {}
     store: dict[int, torch.Tensor] = {}
@@ -156,8 +156,11 @@ def resid_hooks(
         for n in sorted(set(capture) | set(edits) | ({stop_after} if stop_after is not None else set())):
             handles.append(layers[n].register_forward_hook(make(n)))
         if grad_from_embeddings:
-            emb = model.get_input_embeddings()
-            handles.append(emb.register_forward_hook(lambda _m, _i, out: out.detach().requires_grad_(True)))
+            def leaf(_m, _i, out):
+                store["emb"] = out.detach().requires_grad_(True)
+                return store["emb"]
+
+            handles.append(model.get_input_embeddings().register_forward_hook(leaf))
         yield store
     finally:
         for h in handles:

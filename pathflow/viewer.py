@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 
 from .errors import PathflowError
+from .graphs import GRAPHS_DIR as GRAPHS
 
-GRAPHS = "integrated/graphs"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.json$")  # a graph file's name; nothing that leaves the folder
 INSTALL = ("circuit-tracer's page is not installed here: `pip install --no-deps circuit-tracer==0.5.0` (only its "
            "frontend is used), or give --frontend with the folder of its frontend/assets")

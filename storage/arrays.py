@@ -68,12 +68,16 @@ def open_jacobians(store, mode: str = "r+") -> zarr.Group:
     return zarr.open_group(store, mode=mode, zarr_format=3, use_consolidated=False)
 
 
-def _rounded(group: zarr.Group, x: np.ndarray) -> np.ndarray:
-    bits = group.attrs.get("keepbits")
+def _round(x: np.ndarray, bits: int | None) -> np.ndarray:
+    """``x`` as float32 with ``bits`` mantissa bits kept (None: as it is)."""
     if bits is None:
         return x
     x = np.ascontiguousarray(x, dtype=np.float32)
     return BitRound(keepbits=bits).encode(x).view(np.float32).reshape(x.shape)  # encode gives the int32 bits
+
+
+def _rounded(group: zarr.Group, x: np.ndarray) -> np.ndarray:
+    return _round(x, group.attrs.get("keepbits"))
 
 
 def write_rows(group: zarr.Group, rows: list[int], grad: np.ndarray) -> None:
@@ -117,9 +121,7 @@ def write_prompt_graph(store, prompt: str, targets: list[str], arrays: dict[str,
     for name, x in arrays.items():
         x = np.asarray(x)
         if x.dtype.kind == "f":
-            x = np.ascontiguousarray(x, dtype=np.float32)
-            if keepbits is not None:
-                x = BitRound(keepbits=keepbits).encode(x).view(np.float32).reshape(x.shape)
+            x = _round(np.asarray(x, dtype=np.float32), keepbits)
         a = group.create_array(name, shape=x.shape, dtype=x.dtype, compressors=[COMPRESSOR],
                                dimension_names=GRAPH_DIMS[name], overwrite=True)
         a[...] = x

@@ -9,9 +9,11 @@ from prefect.cache_policies import NONE
 from pathflow.config import Config
 from pathflow.context import get_context
 from pathflow.graphs import (
+    GRAPHS_DIR,
     Target,
     decision_ids,
     graph_json,
+    graph_path,
     graph_targets,
     prompt_graphs,
     scan_name,
@@ -57,10 +59,10 @@ def attribution_graphs(cfg: Config, store_url: str, run_id: str, targets: list[d
                     s = slug(prompt, g.target.name)
                     doc = graph_json(g, state, tokens, ctx.prompts[prompt], s, scan, ctx.n_layers, vocab, label,
                                      gc.node_threshold, info={"run_id": run_id, "prompt_name": prompt})
-                    run.write_json(f"integrated/graphs/{s}.json", doc)
+                    run.write_json(graph_path(s), doc)
                     metadata.append(doc["metadata"])
                     slugs.setdefault(g.target.name, {})[prompt] = s
-        run.write_json("integrated/graphs/graph-metadata.json", {"graphs": metadata})
+        run.write_json(f"{GRAPHS_DIR}/graph-metadata.json", {"graphs": metadata})
     create_markdown_artifact(key="pathflow-graphs", markdown=graphs_md(run, metadata),
                              description=f"whole-prompt attribution graphs of run {run_id}")
     return slugs
@@ -70,7 +72,7 @@ def graphs_md(run, metadata: list[dict], shown: int = 20) -> str:
     """The graphs artifact: how to open them, and the first ``shown`` with replay's verdict."""
     lines = [f"# {len(metadata)} whole-prompt attribution graphs", "",
              f"In circuit-tracer's viewer: `pathflow graphs {run.run_id} --store {run.store.url}`; the files are "
-             f"`{run.url}/integrated/graphs/` (circuit-tracer 0.5.0's format).", "",
+             f"`{run.url}/{GRAPHS_DIR}/` (circuit-tracer 0.5.0's format).", "",
              "| graph | target | nodes replayed | sign agreement | decision |", "|---|---|---|---|---|"]
     for m in metadata[:shown]:
         info, rp = m["info"], m["info"].get("replay") or {}

@@ -7,6 +7,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from pathflow.config import Config
+from pathflow.graphs import graph_path
 from pathflow.integrate import feature_record, report_md, summary_rows, to_csv
 from pathflow.report import report_pages
 
@@ -48,7 +49,7 @@ def integrate_features(cfg: Config, store_url: str, run_id: str, targets: list[d
         md = report_md(records, run_id)
         run.write_text("integrated/report.md", md)
         for path, page in report_pages(records, run_id, cfg.report.neuronpedia_url,
-                                       lambda slug: run.read_json(f"integrated/graphs/{slug}.json")).items():
+                                       lambda slug: run.read_json(graph_path(slug))).items():
             run.write_text(f"integrated/{path}", page)
     create_table_artifact(key="pathflow-pathways", table=table_rows(rows, TABLE_ROWS),
                           description=table_description(run, len(rows)))
