@@ -15,8 +15,9 @@ from pathflow.errors import PathflowError, quiet_user_errors
 from pathflow.integrate import summary_rows
 from pathflow.pathways import plan_batches
 from pathflow.preflight import preflight
-from pathflow.provenance import provenance, sae_provenance
+from pathflow.provenance import changed_inputs, provenance, sae_provenance
 from pathflow.study import audit_errors
+from pathflow.weights import check_files
 from storage.store import Run, Store, git_commit, new_run_id, redact
 from tasks.common import open_run, run_folder_artifact, step
 from tasks.graphs import attribution_graphs
@@ -61,6 +62,7 @@ def audit_and_select(config: Config, run_id: str, run, allow_audit_errors: bool 
     targets = [{**s, "index": i} for i, s in enumerate(s for s in selected if s["layer"] > 0)]
     if not targets:
         raise PathflowError("no selected feature above layer 0 to trace")
+    check_files(config, list(range(max(t["layer"] for t in targets) + 1)))  # remembered from the CLI's check
     logger.info("tracing %d features in %d layers", len(targets), len({t["layer"] for t in targets}))
     run.update(sae=sae_provenance(config, sorted({l for t in targets for l in range(t["layer"] + 1)})))
     return audited, targets
@@ -113,6 +115,11 @@ def check_resumable(run, config: Config) -> dict:
     if m.get("config_hash") != config.hash():
         raise PathflowError(f"run {run.run_id} was made with another config (hash {str(m.get('config_hash'))[:12]}…); "
                             "resume it with the config in its manifest")
+    changes = changed_inputs(m, config)
+    if changes:  # a resume would mix batches computed on the old and the new inputs
+        more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+        raise PathflowError(f"run {run.run_id} cannot be resumed: {changes[0]}{more} since it started; its finished "
+                            "batches were computed on the old inputs. Restore them, or start a new run")
     return m
 
 
@@ -134,7 +141,10 @@ def start_or_resume(config: Config, run_id: str, resume: bool, kind: str, **extr
     try:
         if resume:  # read again under the lease: another writer may have finished it meanwhile
             m = check_resumable(run, config)
-            run.update(status="running", resumes=m.get("resumes", 0) + 1, error=None)
+            removed = run.remove_temporaries()  # of writes a killed process never finished
+            if removed:
+                get_run_logger().info("removed %d unfinished temporary files of run %s", removed, run_id)
+            run.update(status="running", resumes=(m["resumes"] if isinstance(m.get("resumes"), int) else 0) + 1, error=None)
         else:
             run.start({**provenance(config), "git_commit": git_commit(), "kind": kind, "positions": positions,
                        **extra})

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from pathflow.errors import PathflowError
 
@@ -75,6 +76,45 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 60.0) -> Non
     stop(proc)
     raise PathflowError(f"the temporary Prefect server did not answer within {timeout:.0f} s; "
                         "set PREFECT_API_URL to a running server instead")
+
+
+def check_prefect_env() -> None:
+    """Prefect's own settings, checked before any work: PREFECT_HOME a writable folder (the temporary
+    server keeps its database there), PREFECT_API_URL — when set — an http(s) URL that answers."""
+    from urllib.parse import urlsplit
+
+    import httpx
+
+    try:
+        from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+
+        home, api = Path(PREFECT_HOME.value()).expanduser(), PREFECT_API_URL.value()
+    except Exception as e:  # Prefect refuses its own settings (a malformed value)
+        raise PathflowError(f"Prefect's settings cannot be read: {str(e).splitlines()[0][:200]}") from None
+    if home.exists() and not home.is_dir():
+        raise PathflowError(f"PREFECT_HOME {home} is a file, not a folder: set PREFECT_HOME to a writable folder")
+    probe = home
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PathflowError(f"PREFECT_HOME {home} cannot be written (Prefect keeps its database there): set "
+                            "PREFECT_HOME to a writable folder")
+    if not api:
+        return
+    parts = urlsplit(str(api))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PathflowError(f"PREFECT_API_URL={str(api)[:80]!r} is not an http(s) URL: give the server's API, e.g. "
+                            "http://127.0.0.1:4200/api, or unset it for a temporary server")
+    try:
+        with httpx.Client(timeout=10) as client:
+            code = client.get(f"{str(api).rstrip('/')}/health").status_code
+    except httpx.HTTPError as e:
+        raise PathflowError(f"the Prefect API at PREFECT_API_URL={str(api)[:80]} does not answer "
+                            f"({type(e).__name__}): start that server, or unset PREFECT_API_URL for a temporary "
+                            "one") from None
+    if code != 200:
+        raise PathflowError(f"PREFECT_API_URL={str(api)[:80]} answered HTTP {code} at /health: is it a Prefect "
+                            "server's API (ending in /api)?")
 
 
 def early_server() -> tuple[subprocess.Popen, str] | None:

@@ -37,8 +37,10 @@ def is_oom(exc: BaseException) -> bool:
 
 def check_memory(batch_len: int) -> None:
     """Raise a (simulated) out-of-memory error if the batch exceeds ``PATHFLOW_SIMULATE_OOM_ABOVE``."""
-    limit = os.environ.get(SIMULATE_ENV)
-    if limit and batch_len > int(limit):
+    from .envvars import SIMULATE_OOM_ABOVE
+
+    limit = SIMULATE_OOM_ABOVE.read()
+    if limit and batch_len > limit:
         raise SimulatedOutOfMemory(f"CUDA out of memory (simulated: batch of {batch_len} > {SIMULATE_ENV}={limit})")
 
 

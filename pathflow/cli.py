@@ -17,17 +17,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from .config import ConfigError, load_config
 from .errors import PathflowError
+from .safe_text import SafeConsole
 
 app = typer.Typer(help="pathflow: find and validate the pathways to causal SAE features.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console(markup=False, highlight=False)
-err = Console(stderr=True, markup=False, highlight=False)
+console = SafeConsole(markup=False, highlight=False)
+err = SafeConsole(stderr=True, markup=False, highlight=False)
 VERBOSE = [0]
 CONSOLE = [False]  # set by console_main: this process is the command, not a caller (tests) importing main
 
@@ -79,10 +79,19 @@ def _study_checked(cfg, allow_audit_errors: bool) -> list[dict]:
     problem = missing_features(features, cfg.selection.features or [], report["ranges"])
     if problem:
         _fail(f"--feature {problem}")
+    problem = missing_features(features, cfg.selection.include, report["ranges"])
+    if problem:
+        _fail(f"selection.include: {problem}")
     selected = select(features, cfg)
     if not any(s["layer"] > 0 for s in selected):
         _fail("nothing to trace: no selected feature above layer 0 (check --feature/--layer/--direction and "
               "`pathflow select`)")
+    from .weights import check_files
+
+    try:  # the model's and the SAEs' files, before any work (a damaged file fails here, not mid-run)
+        check_files(cfg, list(range(max(s["layer"] for s in selected) + 1)))
+    except PathflowError as e:
+        _fail(str(e))
     return selected
 
 
@@ -188,6 +197,12 @@ def _main(verbose: int = typer.Option(0, "--verbose", "-v", count=True,
                                        help="print the version and exit")) -> None:
     VERBOSE[0] = verbose
     _setup_logging(verbose)
+    from .envvars import check_all
+
+    try:
+        check_all()  # every PATHFLOW_* variable, before any work
+    except PathflowError as e:
+        _fail(str(e))
     # a GPU node or laptop may have no internet: no telemetry attempts, no download bars in our output
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -368,6 +383,9 @@ def select_cmd(config: Path | None = ConfigOpt,
     problem = missing_features(features, cfg.selection.features or [], report["ranges"])
     if problem:
         _fail(f"--feature {problem}")
+    problem = missing_features(features, cfg.selection.include, report["ranges"])
+    if problem:
+        _fail(f"selection.include: {problem}")
     selected = select(features, cfg)
     body = {"selection": cfg.selection.model_dump(), "n_selected": len(selected), "features": selected}
     if out:
@@ -444,8 +462,12 @@ def _server_booting():
     boots — seconds — while the command imports PyTorch, reads the tokenizer and audits the study
     rather than after; stopped at once if any of that fails. Launched only after the flags and the
     config are checked, so a usage error never starts one."""
-    from flows.server import early_server, stop
+    from flows.server import check_prefect_env, early_server, stop
 
+    try:
+        check_prefect_env()
+    except PathflowError as e:
+        _fail(str(e))
     server = early_server()
     try:
         yield server
@@ -467,7 +489,9 @@ def _resume_hint(run) -> str:
 
 
 def _grace_seconds() -> float:
-    return float(os.environ.get("PATHFLOW_INTERRUPT_GRACE_S", "10"))
+    from .envvars import INTERRUPT_GRACE_S
+
+    return INTERRUPT_GRACE_S.read()
 
 
 @contextmanager
@@ -794,22 +818,33 @@ def runs_rm(run_ids: list[str] = typer.Argument(..., help="runs to delete (faile
 def runs_verify(run_id: str, store: str | None = StoreOpt) -> None:
     """Check every output's sha256 against the manifest, and that the folder holds nothing else.
     Exit 1 on a mismatch, a missing file or a file the manifest does not list."""
+    from storage.store import TMP  # the infix of an unfinished write's temporary
+
     run = _run_or_fail(store, run_id)
     m = _manifest(run)
     if m.get("status") != "complete":
         _fail(f"run {run_id} is {m.get('status')}, not complete: nothing to verify yet", 1)
-    present = set(run.files())
+    try:
+        present = set(run.files())
+    except OSError as e:
+        _fail(f"run {run_id} cannot be listed: {e}", 1)
     bad = []
     for rel, digest in sorted(m["outputs"].items()):
+        what = run.not_regular(rel)
         if rel not in present:
             bad.append((rel, "missing"))
+        elif what:
+            bad.append((rel, f"{what}, not a regular file (not read)"))
         elif run.sha256(rel) != digest:
             bad.append((rel, "sha256 differs"))
     extra = run.unlisted(m)
     for rel, why in bad:
         console.print(styled((why, "red"), f" {rel}"))
     for rel in extra:
-        console.print(styled(("not in the manifest", "red"), f" {rel}"))
+        what = run.not_regular(rel)
+        why = ("leftover temporary (a write that never finished)" if TMP in rel else
+               f"not in the manifest ({what})" if what else "not in the manifest")
+        console.print(styled((why, "red"), f" {rel}"))
     if bad or extra:
         _fail(f"run {run_id} does not match its manifest: {len(bad)} of {len(m['outputs'])} outputs missing or "
               f"changed, {len(extra)} files it does not list", 1)
@@ -835,6 +870,12 @@ def runs_diff(run_a: str, run_b: str, store: str | None = StoreOpt, as_json: boo
     from storage.diff import result_differences
 
     a, b = _run_or_fail(store, run_a), _run_or_fail(store, run_b)
+    for r in (a, b):
+        for rel in r.files():
+            what = r.not_regular(rel)
+            if what:
+                _fail(f"run {r.run_id} holds {rel}, {what}, not a regular file: check it with `pathflow runs verify "
+                      f"{r.run_id}`", 1)
     ma, mb = _manifest(a), _manifest(b)
     ca, cb = _flat(ma.get("config") or {}), _flat(mb.get("config") or {})
     config = {k: [ca.get(k), cb.get(k)] for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)}
@@ -907,6 +948,21 @@ def _settle() -> None:
         gc.freeze()
 
 
+def _is_prefect_api_error(e: BaseException) -> bool:
+    """An HTTP transport error on the way to the Prefect API (its server died, the network went)."""
+    try:
+        import httpx
+    except ImportError:
+        return False
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (httpx.TransportError, httpx.HTTPStatusError)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def main() -> None:
     """Entry point: a user's problem is one line and exit 2 (usage) or 1; an unexpected error is one
     line too (with ``-v``, its traceback), never a bare traceback."""
@@ -924,6 +980,10 @@ def main() -> None:
 
             traceback.print_exc()
         name = type(e).__name__
+        if _is_prefect_api_error(e):
+            err.print(styled(("error: ", "bold red"), f"the Prefect API stopped answering ({name}: {str(e)[:120]}); "
+                             "was its server stopped? The run can be resumed: pathflow runs list shows it"))
+            sys.exit(1)
         if isinstance(e, OSError) or any(w in name for w in ("Connection", "Endpoint", "Timeout", "Credentials")):
             # the environment, not pathflow: an unreachable store, missing credentials, a full disk
             err.print(styled(("error: ", "bold red"), f"{name}: {e}",

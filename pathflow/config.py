@@ -6,6 +6,7 @@ Loaded from YAML; unknown keys are errors that name the key. ``--store URL`` and
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import PathflowError
 from .locations import check_store_url, redact
@@ -79,7 +80,15 @@ class ModelConfig(_Strict):
 class SAEConfig(_Strict):
     root: str = "fnlp/Llama3_1-8B-Base-LXR-8x"
     pattern: str = "Llama3_1-8B-Base-L{layer}R-8x"
-    threshold: Union[Literal["jumprelu", "zero"], float] = "zero"
+    threshold: Union[Literal["jumprelu", "zero"], float] = Field("zero", description="jumprelu, zero or a number "
+                                                                  "(|value| ≤ 1e6)")
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v):
+        if isinstance(v, float) and abs(v) > 1e6:
+            raise ValueError(f"{v!r} is out of range: a threshold is at most 1e6 in magnitude")
+        return v
     revision: str | None = None
 
     @field_validator("root", "pattern")
@@ -117,7 +126,7 @@ class SelectionConfig(_Strict):
 class GradientsConfig(_Strict):
     batch_size: int = Field(8, ge=1, description="targets per backward; halves on out-of-memory")
     position: int = Field(-1, description="token position of the target (negative counts from the end)")
-    sae_budget_gb: float | None = Field(None, gt=0, description="memory for resident SAEs (None: keep all)")
+    sae_budget_gb: float | None = Field(None, gt=0, le=1e6, description="memory for resident SAEs (None: keep all)")
     keepbits: int | None = Field(7, ge=1, le=23, description="mantissa bits of float32 kept in jacobians.zarr "
                                  "(rounded, relative error ≤ 2^-(keepbits+1); 7 is bfloat16's precision); null: "
                                  "lossless. Rankings and replay use the exact values in memory, never the stored ones")
@@ -126,7 +135,7 @@ class GradientsConfig(_Strict):
 class TopkConfig(_Strict):
     k: int = Field(25, ge=1)
     score: Literal["attribution", "gradient"] = "attribution"
-    min_abs_gradient: float = Field(0.0, ge=0.0)
+    min_abs_gradient: float = Field(0.0, ge=0.0, le=1e9)
 
 
 class ReplayConfig(_Strict):
@@ -134,9 +143,9 @@ class ReplayConfig(_Strict):
         "ablate", description="ablate: remove an active feature (an off one is steered); steer: set every "
         "candidate to steer_value")
     scale: float = Field(1.0, gt=0.0, le=1.0, description="fraction of the activation removed by 'ablate'")
-    steer_value: float = Field(1.0, description="activation a steered candidate is set to")
+    steer_value: float = Field(1.0, ge=-1e6, le=1e6, description="activation a steered candidate is set to")
     min_sign_agreement: float = Field(0.7, ge=0.0, le=1.0, description="a target is validated at or above this")
-    min_abs_change: float = Field(0.0, ge=0.0, description="a candidate is validated if its sign agrees and "
+    min_abs_change: float = Field(0.0, ge=0.0, le=1e9, description="a candidate is validated if its sign agrees and "
                                   "|actual change| is at least this")
 
 
@@ -148,7 +157,7 @@ class TokensConfig(_Strict):
         default_factory=lambda: [("safe_with_risky_patch", "safe_with_safe_patch"),
                                  ("risky_with_risky_patch", "risky_with_safe_patch")],
         description="(patched, baseline) condition pairs for the 'changes' view")
-    alpha0: float = Field(100.0, gt=0, description="strength of the Dirichlet prior of the log-odds")
+    alpha0: float = Field(100.0, ge=1e-6, le=1e9, description="strength of the Dirichlet prior of the log-odds")
     max_tokens: int = Field(512, ge=8, description="tokens of each logged response read for activation maxima "
                             "(longer ones are cut; the prompts are read whole)")
     batch_size: int = Field(64, ge=1, description="texts per forward when reading activations (a batch also stays "
@@ -161,6 +170,13 @@ class DecisionConfig(_Strict):
                       "at the last prompt position (each must be one token of the tokenizer)")
     replay: bool = Field(True, description="replay also measures each candidate's change of the decision, with the "
                          "target free and held at its baseline (the target at the last prompt token)")
+
+    @model_validator(mode="after")
+    def _two_answers(self):
+        if self.bet == self.stop:
+            raise ValueError(f"bet and stop are both {self.bet!r}: the decision logit(bet) − logit(stop) would "
+                             "always be 0; give the two different answers")
+        return self
 
 
 class GraphsConfig(_Strict):
@@ -227,6 +243,17 @@ class Config(_Strict):
     report: ReportConfig = Field(default_factory=ReportConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
 
+    @model_validator(mode="after")
+    def _known_conditions(self):
+        known = set(self.study.conditions)
+        for pair in self.tokens.contrasts:
+            for c in pair:
+                if c not in known:
+                    close = difflib.get_close_matches(c, sorted(known), n=1)
+                    raise ValueError(f"tokens.contrasts names condition {c!r}, which is not in study.conditions"
+                                     + (f" (did you mean {close[0]!r}?)" if close else f" ({', '.join(sorted(known))})"))
+        return self
+
     def hash(self) -> str:
         """sha256 of the canonical JSON of what determines the results: the resolved config without
         ``store`` (where results are kept changes nothing in them) and ``report`` (how they are shown)."""
@@ -234,12 +261,25 @@ class Config(_Strict):
         return hashlib.sha256(blob).hexdigest()
 
 
+def _siblings(loc: tuple) -> list[str]:
+    """The keys allowed beside the unknown key at ``loc`` (for a "did you mean")."""
+    model = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
 def _describe(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        key = ".".join(str(p) for p in e["loc"]) or "(config)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  unknown key '{key}'")
+            close = difflib.get_close_matches(str(e["loc"][-1]), _siblings(e["loc"]), n=1)
+            lines.append(f"  unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         else:
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "finite_number":
@@ -248,12 +288,36 @@ def _describe(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key written twice in one mapping is an error: YAML would keep the
+    last one silently, and a whole section could vanish."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first is not None:
+                raise ConfigError(f"key {key!r} is written twice (lines {first} and {key_node.start_mark.line + 1}); "
+                                  "YAML would silently keep only the last: keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+
 def _resolve_paths(data: dict, base: Path) -> dict:
-    """Relative local paths in a config file are relative to the file, not the cwd."""
+    """Relative local paths in a config file are relative to the file, not the cwd: the study's
+    files and the store always; the model and SAE root when that path exists beside the file or
+    starts with ``./`` or ``../`` (otherwise they are hub ids such as ``meta-llama/Llama-3.1-8B``)."""
 
     def fix(p):
-        if not isinstance(p, str) or "://" in p or os.path.isabs(p):
-            return p
+        if not isinstance(p, str) or "://" in p or os.path.isabs(p) or p.startswith("~"):
+            return os.path.expanduser(p) if isinstance(p, str) and p.startswith("~") else p
         return str((base / p).resolve())
 
     study = data.get("study")
@@ -267,12 +331,14 @@ def _resolve_paths(data: dict, base: Path) -> dict:
         for key in ("summary_csv", "prompts"):
             if key in study:
                 study[key] = fix(study[key])
-    for section, key in (("model", "name_or_path"), ("sae", "root"), ("store", "url")):
+    store = data.get("store")
+    if isinstance(store, dict) and isinstance(store.get("url"), str) and store["url"].strip():
+        store["url"] = fix(store["url"])
+    for section, key in (("model", "name_or_path"), ("sae", "root")):
         sec = data.get(section)
         if isinstance(sec, dict) and isinstance(sec.get(key), str):
             v = sec[key]
-            # only rewrite what exists locally relative to the file: hub ids stay as they are
-            if v.startswith(".") or (base / v).exists():
+            if v.startswith(("./", "../", "~")) or v in (".", "..") or (base / v).exists():
                 sec[key] = fix(v)
     return data
 
@@ -289,7 +355,9 @@ def load_config(path: str | os.PathLike | None = None, store: str | None = None)
         if p.stat().st_size > MAX_CONFIG_BYTES:
             raise ConfigError(f"config {p} is {p.stat().st_size} bytes: a config is at most {MAX_CONFIG_BYTES}")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except ConfigError as e:
+            raise ConfigError(f"config {p}: {e}") from None
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config {p} is not valid YAML: {e}") from None
         except RecursionError:

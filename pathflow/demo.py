@@ -250,6 +250,12 @@ def write_demo(directory: str | Path = "pathflow-demo", seed: int = 0) -> Path:
     import shutil
 
     out = Path(directory)
+    from .locations import enclosing_run
+
+    inside = enclosing_run(str(out.resolve()))
+    if inside:
+        raise PathflowError(f"{out} is inside the run folder {inside}; runs are never changed: write the demo "
+                            "elsewhere")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PathflowError(f"{out} exists and is not empty: the demo bundle is written only into a new or empty "
                             "folder (nothing was changed); choose another folder or remove this one")

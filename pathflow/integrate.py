@@ -51,13 +51,24 @@ def summary_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(v):
+    """A cell a spreadsheet shows as text: a string starting like a formula gets a leading ``'``
+    (OWASP's advice against CSV injection); numbers stay numbers."""
+    if isinstance(v, str) and v.startswith(FORMULA_START):
+        return "'" + v
+    return v
+
+
 def to_csv(rows: list[dict]) -> str:
     if not rows:
         return ""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w = csv.DictWriter(buf, fieldnames=[csv_cell(k) for k in rows[0]])
     w.writeheader()
-    w.writerows(rows)
+    w.writerows({csv_cell(k): csv_cell(v) for k, v in r.items()} for r in rows)
     return buf.getvalue()
 
 

@@ -110,9 +110,14 @@ def check_out_path(path: str | os.PathLike) -> Path:
     """An output file a command may write: its folder exists or can be made and written, it is not
     a folder, and it is not inside a run folder (runs are written only by their own run)."""
     p = Path(path).expanduser()
+    if p.is_symlink():  # /dev/stdout and friends: replacing the link would replace what it names
+        raise PathflowError(f"--out {p} is a symbolic link: give a regular file or a new path")
     absolute = p.resolve()
     if absolute.is_dir():
         raise PathflowError(f"--out {p} is a folder: give a file name")
+    if absolute.exists() and not absolute.is_file():
+        raise PathflowError(f"--out {p} is not a regular file (a device, FIFO or socket): give a regular file or a "
+                            "new path")
     inside = enclosing_run(str(absolute))
     if inside:
         raise PathflowError(f"--out {p} is inside the run folder {inside}; runs are never changed: write elsewhere")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import glob
 import json
 import math
 import os
@@ -28,7 +27,11 @@ NOT_CAUSAL = {"no_causal_effect", "no_effect"}
 Progress = Callable[[Path, int], None]  # (file done, its size in bytes)
 # Bounds on what one study file or record may hold: past them it is an error finding, never a
 # crash or an unbounded allocation. Real checkpoints are a few MB, records a few levels deep.
-MAX_JSON_BYTES = int(os.environ.get("PATHFLOW_MAX_JSON_MB", "512")) << 20  # a file read whole (checkpoints)
+def max_json_bytes() -> int:
+    """The largest file read whole (checkpoints, prompts): PATHFLOW_MAX_JSON_MB, 512 by default."""
+    from .envvars import MAX_JSON_MB
+
+    return int(MAX_JSON_MB.read()) << 20
 MAX_LINE_BYTES = 16 << 20  # one JSONL line
 MAX_DEPTH = 32  # nesting of one record
 
@@ -164,13 +167,39 @@ def expand(specs: list[str], f: Findings | None = None, suffixes=(".json", ".jso
                 out |= found
                 continue
         elif any(ch in spec for ch in "*?["):
-            found = {Path(q) for q in glob.glob(spec, recursive=True)}
+            found = bounded_glob(spec, f)
         else:
             found = {p}
         if not found and f is not None:
             f.warn("no_files", f"{spec} names no {'/'.join(suffixes)} files", spec)
         out |= found
     return sorted(out)
+
+
+MAX_GLOB_ENTRIES = 200_000  # directory entries one glob may visit
+
+
+def bounded_glob(spec: str, f: Findings | None = None) -> set[Path]:
+    """The paths a glob names, without following symlinked folders (a link back up the tree would
+    make ``**`` endless) and visiting at most MAX_GLOB_ENTRIES entries (past that an error finding)."""
+    parts = Path(spec).parts
+    i = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
+    root = Path(*parts[:i]) if i else Path(".")
+    pattern = str(Path(*parts[i:]))
+    out: set[Path] = set()
+    visited = 0
+    try:
+        for q in root.glob(pattern):  # pathlib's ** does not descend into symlinked folders
+            visited += 1
+            if visited > MAX_GLOB_ENTRIES:
+                if f is not None:
+                    f.error("too_many_files", f"the glob matches more than {MAX_GLOB_ENTRIES} paths: narrow it", spec)
+                return set()
+            out.add(q)
+    except OSError as e:
+        if f is not None:
+            f.error("unreadable", f"cannot list: {e.strerror or e}", spec)
+    return out
 
 
 class NotRegularFile(OSError):
@@ -208,14 +237,15 @@ def _io_error(path: Path, e: OSError, f: Findings) -> None:
 
 def read_json(path: Path, f: Findings) -> Any:
     """A whole JSON file (checkpoints, prompts), or None with an error naming the file."""
+    limit = max_json_bytes()
     try:
         with _open(path) as fh:
-            raw = fh.read(MAX_JSON_BYTES + 1)
+            raw = fh.read(limit + 1)
     except OSError as e:
         _io_error(path, e, f)
         return None
-    if len(raw) > MAX_JSON_BYTES:
-        f.error("too_large", f"file is larger than {MAX_JSON_BYTES >> 20} MB (PATHFLOW_MAX_JSON_MB): not read", path)
+    if len(raw) > limit:
+        f.error("too_large", f"file is larger than {limit >> 20} MB (PATHFLOW_MAX_JSON_MB): not read", path)
         return None
     if not raw.strip():
         f.error("empty_file", "file is empty", path)

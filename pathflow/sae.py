@@ -203,16 +203,10 @@ def load_sae(
 
 def sae_file_hash(root: str, pattern: str, layer: int) -> str | None:
     """sha256 of a local SAE's weights file (None for hub repos not yet cached)."""
-    import hashlib
+    from .study import sha256_of
 
     path = Path(layer_location(root, pattern, layer)) / WEIGHTS
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_of(str(path)) if path.is_file() else None
 
 
 class SAEBank:

@@ -322,13 +322,21 @@ def load_prompts(path: str | None) -> dict[str, str]:
     return prompts
 
 
+_HASHES: dict[tuple, str] = {}  # (path, size, mtime_ns, inode) -> sha256: a file is hashed once per process
+
+
+def sha256_of(path: str) -> str:
+    """sha256 of a regular file, cached while its size, mtime and inode stay the same."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
 def file_sha256(paths: list[str]) -> dict[str, str]:
-    out = {}
-    for p in paths:
-        if os.path.isfile(p):
-            h = hashlib.sha256()
-            with open(p, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            out[p] = h.hexdigest()
-    return out
+    return {p: sha256_of(p) for p in paths if os.path.isfile(p)}

@@ -94,6 +94,17 @@ def write_activation(group: zarr.Group, activation: np.ndarray) -> None:
     group["activation"][:] = _rounded(group, full)
 
 
+def chunk_keys(group: zarr.Group, rows: list[int], activation: bool = False) -> list[str]:
+    """The chunk files (relative to the group) that ``write_rows(rows)`` — and, with ``activation``,
+    ``write_activation`` — wrote: a batch's marker hashes them, so a resume can tell a damaged or
+    deleted chunk from a good one."""
+    keys = []
+    for name, indices in (("grad", rows), ("activation", range(group["activation"].shape[0]) if activation else [])):
+        arr = group[name]
+        keys += [f"{name}/{arr.metadata.encode_chunk_key((i, *([0] * (arr.ndim - 1))))}" for i in indices]
+    return keys
+
+
 def attribution(group: zarr.Group, rows=slice(None)) -> np.ndarray:
     """−grad ⊙ activation for target ``rows`` (an index, slice or list): [rows, prompt, layer, feature]."""
     grad = group["grad"].get_orthogonal_selection((rows,)) if isinstance(rows, list) else group["grad"][rows]

@@ -16,7 +16,9 @@ What keeps a run from being lost or silently changed, each in one place:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import logging
@@ -24,6 +26,7 @@ import os
 import posixpath
 import secrets
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -49,7 +52,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 LEASE = "lease.json"
 _MANIFEST_LOCK = threading.RLock()  # tasks of one process update the manifest one at a time
-__all__ = ["Store", "Run", "Lease", "StoreError", "RunComplete", "LeaseHeld", "check_run_id", "redact", "new_run_id",
+__all__ = ["Store", "Run", "Lease", "StoreError", "RunComplete", "LeaseHeld", "LeaseLost", "TMP", "check_run_id", "redact", "new_run_id",
            "git_commit", "now", "MANIFEST", "LEASE", "RUN_ID_RE"]
 
 
@@ -59,6 +62,37 @@ class RunComplete(PathflowError):
 
 class LeaseHeld(PathflowError):
     """Another process is writing this run."""
+
+
+class LeaseLost(PathflowError):
+    """This process's lease of a run was taken by another writer: it writes nothing more."""
+
+
+TMP = ".tmp-"  # the infix of a write's temporary name (write, then rename)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _checked_manifest(m: Any, where: str) -> dict:
+    """A manifest's shape, checked once, so every reader can trust it: one StoreError naming the file."""
+    missing = [k for k in ("run_id", "status", "config") if not isinstance(m, dict) or k not in m]
+    if not isinstance(m, dict) or missing:
+        what = "not an object" if not isinstance(m, dict) else f"lacks {', '.join(missing)}"
+        raise StoreError(f"{where} is {what}; the run cannot be used")
+    if not isinstance(m["config"], dict):
+        raise StoreError(f"{where}: 'config' must be an object; the run cannot be used")
+    if not isinstance(m["status"], str):
+        raise StoreError(f"{where}: 'status' must be a string; the run cannot be used")
+    outputs, steps = m.get("outputs", {}), m.get("steps", {})
+    if not isinstance(steps, dict) or not all(isinstance(v, dict) for v in steps.values()):
+        raise StoreError(f"{where}: 'steps' must be an object of objects; the run cannot be used")
+    if not isinstance(outputs, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in outputs.items()):
+        raise StoreError(f"{where}: 'outputs' must map file names to sha256 strings; the run cannot be used")
+    if m["status"] == "complete" and "outputs" not in m:
+        raise StoreError(f"{where}: a complete run without 'outputs'; the run cannot be verified")
+    return m
 
 
 def now() -> str:
@@ -96,6 +130,9 @@ class Store:
         self.root = root.rstrip("/") if not isinstance(self.fs, LocalFileSystem) else os.path.abspath(root)
         self.storage_options = storage_options
         if self.is_local:
+            if os.path.islink(self.root) and not os.path.exists(self.root):
+                raise StoreError(f"store {self.root} is a symbolic link to {os.readlink(self.root)}, which does not "
+                                 "exist: create that folder or give another store")
             if os.path.exists(self.root) and not os.path.isdir(self.root):
                 raise StoreError(f"store {self.root} is a file, not a folder: give a folder (it is created if "
                                  "missing) or an s3:// / gs:// URL")
@@ -177,15 +214,21 @@ class Run:
         """Atomically write ``rel``; returns its sha256."""
         if self.sealed:
             raise RunComplete(f"run {self.run_id} is complete; a complete run is never changed")
+        self._check_lease()
         dst = self._abs(rel)
         self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
         if self.store.is_local:
-            tmp = f"{dst}.tmp-{secrets.token_hex(4)}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, dst)
+            tmp = f"{dst}{TMP}{secrets.token_hex(4)}"
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, dst)
+            except BaseException:  # a full disk, a signal: nothing half-written stays behind
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
         else:
             self.fs.pipe_file(dst, data)  # an object store PUT is all-or-nothing
         return hashlib.sha256(data).hexdigest()
@@ -202,6 +245,9 @@ class Run:
         return self.write_bytes(rel, text.encode())
 
     def read_bytes(self, rel: str) -> bytes:
+        what = self.not_regular(rel)
+        if what:
+            raise StoreError(f"{rel} in run {self.run_id} is {what}, not a regular file: not read")
         with self.fs.open(self._abs(rel), "rb") as fh:
             return fh.read()
 
@@ -221,7 +267,7 @@ class Run:
         out = []
         for p in self.fs.find(self.path):
             rel = posixpath.relpath(p, self.path)
-            if rel not in (MANIFEST, LEASE) and ".tmp-" not in rel:
+            if rel not in (MANIFEST, LEASE) and TMP not in rel:
                 out.append(rel)
         return sorted(out)
 
@@ -231,7 +277,39 @@ class Run:
         return sorted(r for r in (posixpath.relpath(p, self.path) for p in self.fs.find(self.path))
                       if r not in listed)
 
+    def temporaries(self) -> list[str]:
+        """Leftover temporaries of writes that never finished (a SIGKILL mid-write), relative paths."""
+        return sorted(r for r in (posixpath.relpath(p, self.path) for p in self.fs.find(self.path)) if TMP in r)
+
+    def remove_temporaries(self) -> int:
+        """Delete leftover temporaries (a resume does, under the run's lease); returns how many."""
+        tmps = self.temporaries()
+        for rel in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self._abs(rel))
+        return len(tmps)
+
+    def not_regular(self, rel: str) -> str | None:
+        """What ``rel`` is when it is not a regular file of a local run (a FIFO, a device, a symlink),
+        else None. Such a thing is never opened: a FIFO would block, /dev/zero never ends."""
+        if not self.store.is_local:
+            return None
+        try:
+            st = os.lstat(self._abs(rel))
+        except FileNotFoundError:
+            return None
+        if stat.S_ISREG(st.st_mode):
+            return None
+        for test, what in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
+                           (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+            if test(st.st_mode):
+                return what
+        return "not a regular file"
+
     def sha256(self, rel: str) -> str:
+        what = self.not_regular(rel)
+        if what:
+            raise StoreError(f"{rel} in run {self.run_id} is {what}, not a regular file: not read")
         h = hashlib.sha256()
         with self.fs.open(self._abs(rel), "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -242,7 +320,7 @@ class Run:
     def manifest(self) -> dict:
         """The manifest, checked: a truncated, non-object or field-less one is a StoreError naming it."""
         try:
-            m = self.read_json(MANIFEST)
+            m = json.loads(self.read_bytes(MANIFEST), parse_constant=_no_constant)
         except FileNotFoundError:
             raise StoreError(f"run {self.run_id} has no {MANIFEST} in {redact(self.url)}") from None
         except (ValueError, UnicodeDecodeError) as e:
@@ -252,9 +330,7 @@ class Run:
         if not isinstance(m, dict) or missing:
             what = "not an object" if not isinstance(m, dict) else f"lacks {', '.join(missing)}"
             raise StoreError(f"{redact(self.url)}/{MANIFEST} is {what}; the run cannot be used")
-        if not isinstance(m.get("steps", {}), dict) or not isinstance(m.get("outputs", {}), dict):
-            raise StoreError(f"{redact(self.url)}/{MANIFEST}: 'steps' and 'outputs' must be objects")
-        return m
+        return _checked_manifest(m, f"{redact(self.url)}/{MANIFEST}")
 
     def start(self, manifest: dict) -> dict:
         """The first manifest of a new run; refuses a run id that is already in use."""
@@ -266,17 +342,80 @@ class Run:
         self.write_json(MANIFEST, m)
         return m
 
-    def _change(self, fn) -> dict:
-        """Read-modify-write the manifest; a complete manifest is never changed."""
+    def _check_lease(self) -> None:
+        """A writer whose lease of this run was lost (taken over after it stalled) writes nothing more."""
+        for lease in list(_ACTIVE):
+            if lease.run.path == self.path and lease.store_url == self.store.url and lease.lost:
+                raise LeaseLost(f"run {self.run_id}: this process lost its lease to another writer; it writes "
+                                "nothing more to the run")
+
+    def _held_lease(self) -> Lease | None:
+        for lease in list(_ACTIVE):
+            if lease.run.path == self.path and lease.store_url == self.store.url:
+                return lease
+        return None
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """The manifest's critical section: this process's tasks one at a time, and, in a local store,
+        every process too (an flock on the run folder, which a lease takeover also holds)."""
         with _MANIFEST_LOCK:
-            m = self.manifest()
-            if m.get("status") == "complete":
-                self.sealed = True
-                raise RunComplete(f"run {self.run_id} is complete; a complete run is never changed")
-            fn(m)
-            m["updated"] = now()
+            if not self.store.is_local or not os.path.isdir(self.path):
+                yield
+                return
+            with run_lock(self.path, self.run_id):
+                yield
+
+    def _change(self, fn) -> dict:
+        """Read-modify-write the manifest as a compare-and-swap: under the run's lock (local) or with a
+        conditional PUT on the version read (object stores), and only while this process still holds
+        the run's lease when it holds one. A complete manifest is never changed."""
+        for _ in range(20):
+            with self._locked():
+                self._check_lease()
+                lease = self._held_lease()
+                if lease is not None:
+                    lease.check_still_ours()
+                etag = self._etag()
+                m = self.manifest()
+                if m.get("status") == "complete":
+                    self.sealed = True
+                    raise RunComplete(f"run {self.run_id} is complete; a complete run is never changed")
+                fn(m)
+                m["updated"] = now()
+                if self._write_manifest(m, etag):
+                    return m
+            time.sleep(0.05)  # another writer changed it between our read and write: read again
+        raise StoreError(f"run {self.run_id}: the manifest keeps changing under this writer; is another process "
+                         "writing the run?")
+
+    def _etag(self) -> str | None:
+        if self.store.is_local:
+            return None
+        self.fs.invalidate_cache(self._abs(MANIFEST))
+        try:
+            return self.fs.info(self._abs(MANIFEST)).get("ETag")
+        except FileNotFoundError:
+            return None
+
+    def _write_manifest(self, m: dict, etag: str | None) -> bool:
+        """Write the manifest if it is still the version ``etag`` (object stores); False if not."""
+        if self.store.is_local or etag is None:
             self.write_json(MANIFEST, m)
-            return m
+            return True
+        self._check_lease()
+        data = (json.dumps(m, indent=2, allow_nan=False, default=str) + "\n").encode()
+        try:
+            self.fs.pipe_file(self._abs(MANIFEST), data, IfMatch=etag)
+        except TypeError:  # a filesystem without conditional writes: best effort, said once in the log
+            log.warning("store %s has no conditional PUT; manifest writes are not compare-and-swap",
+                        redact(self.store.url))
+            self.fs.pipe_file(self._abs(MANIFEST), data)
+        except OSError as e:
+            if "412" in str(e) or "PreconditionFailed" in str(e):
+                return False
+            raise
+        return True
 
     def update(self, **changes: Any) -> dict:
         return self._change(lambda m: m.update(changes))
@@ -299,6 +438,8 @@ class Run:
                 self.update(status="failed", error=error)
         except RunComplete:
             log.info("run %s is complete; not marked failed", self.run_id)
+        except LeaseLost:
+            log.warning("run %s: lease lost to another writer; not marked failed", self.run_id)
 
     # -- the lease: one writer at a time -------------------------------------------------------
     def remove(self) -> int:
@@ -330,6 +471,33 @@ class Run:
 
 
 _ACTIVE: set = set()  # leases held by this process (a hard exit releases them)
+LOCK_WAIT_S = 60.0
+
+
+@contextlib.contextmanager
+def run_lock(path: str, run_id: str, wait: float | None = None):
+    """An exclusive flock on a local run folder: manifest writes, lease renewals and takeovers hold it,
+    so each is a compare-and-swap against the others, across processes. A holder stalled past
+    ``wait`` seconds is an error rather than a hang."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:  # the folder is not there (yet, or any more): nothing to lock
+        yield
+        return
+    try:
+        deadline = time.monotonic() + (LOCK_WAIT_S if wait is None else wait)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LeaseHeld(f"run {run_id} is locked by a process that does not let go (stalled?): stop "
+                                    "it, then try again") from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def release_all(fail: str | None = None) -> None:
@@ -345,7 +513,9 @@ def release_all(fail: str | None = None) -> None:
 
 
 def _lease_ttl() -> float:
-    return float(os.environ.get("PATHFLOW_LEASE_TTL_S", "120"))
+    from pathflow.envvars import LEASE_TTL_S
+
+    return LEASE_TTL_S.read()
 
 
 class Lease:
@@ -358,6 +528,8 @@ class Lease:
 
     def __init__(self, run: Run, ttl: float | None = None) -> None:
         self.run, self.ttl = run, ttl or _lease_ttl()
+        self.store_url = run.store.url
+        self.lost = False  # set once another writer took the lease: this one writes nothing more
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.path = run._abs(LEASE)
         self._stop = threading.Event()
@@ -406,6 +578,20 @@ class Lease:
         else:
             self.run.fs.pipe_file(self.path, data)  # a PUT is all-or-nothing
 
+    def _lock(self):
+        return run_lock(self.run.path, self.run.run_id) if self.run.store.is_local else contextlib.nullcontext()
+
+    def check_still_ours(self) -> None:
+        """Raise LeaseLost (and remember it) unless the lease file still names this holder."""
+        if self.lost:
+            raise LeaseLost(f"run {self.run.run_id}: this process lost its lease; it writes nothing more")
+        h = self.holder()
+        if not h or h.get("owner") != self.owner:
+            self.lost = True
+            log.error("run %s: lease lost to %s", self.run.run_id, (h or {}).get("owner"))
+            raise LeaseLost(f"run {self.run.run_id}: its lease was taken by another writer "
+                            f"({(h or {}).get('host')}, pid {(h or {}).get('pid')}); this process writes nothing more")
+
     def holder(self) -> dict | None:
         try:
             self.run.fs.invalidate_cache(self.path)
@@ -442,8 +628,11 @@ class Lease:
                 until = _dt.datetime.fromtimestamp(h["expires"], _dt.timezone.utc).isoformat(timespec="seconds")
                 raise LeaseHeld(f"run {self.run.run_id} is being written by another process ({h.get('host')}, pid "
                                 f"{h.get('pid')}; lease until {until}): wait for it to finish, or stop it first")
-            log.warning("taking over the stale lease of run %s (held by %s)", self.run.run_id, h.get("owner"))
-            self.run.fs.rm_file(self.path)
+            with self._lock():  # no manifest write of the old holder is under way, none starts meanwhile
+                if self.holder() != h:
+                    continue  # renewed or taken meanwhile: look again
+                log.warning("taking over the stale lease of run %s (held by %s)", self.run.run_id, h.get("owner"))
+                self.run.fs.rm_file(self.path)
         else:
             raise LeaseHeld(f"run {self.run.run_id}: could not take its lease (another process keeps taking it)")
         self._thread = threading.Thread(target=self._renew, name=f"lease-{self.run.run_id}", daemon=True)
@@ -452,14 +641,14 @@ class Lease:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):
-            h = self.holder()
-            if not h or h.get("owner") != self.owner:
-                log.error("run %s: lease lost to %s", self.run.run_id, (h or {}).get("owner"))
+            try:
+                with self._lock():  # check and renew as one step against a takeover
+                    self.check_still_ours()
+                    self._write(self._body())
+            except LeaseLost:
                 if self.on_lost:
                     self.on_lost()
                 return
-            try:
-                self._write(self._body())
             except Exception as e:  # a transient store error: the next renewal tries again
                 log.warning("run %s: lease not renewed: %s", self.run.run_id, e)
 

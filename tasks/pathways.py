@@ -23,18 +23,20 @@ from pathflow import interrupt
 from pathflow.batching import batch_size_for_attempt, chunks, is_oom
 from pathflow.config import Config
 from pathflow.context import get_context
+from pathflow.envvars import BATCH_DELAY_S
 from pathflow.errors import PathflowError
 from pathflow.graphs import decision_ids
 from pathflow.pathways import Batch, activation_writer, phase_a, phase_b, phase_c
 from pathflow.preflight import prompt_positions
 from pathflow.study import load_prompts, model_layers, sae_width
-from storage.arrays import create_jacobians, open_jacobians, write_activation, write_rows
+from storage.arrays import chunk_keys, create_jacobians, open_jacobians, write_activation, write_rows
 
 from .common import open_run
 
 OOM_RETRIES = 6  # 64 -> 1 in six halvings
 FAIL_ENV = "PATHFLOW_FAIL_BATCH"  # debugging aid: comma-separated batch names that raise (failure-handling tests)
 PLAN = "pathways/plan.json"
+JACOBIANS = "jacobians.zarr"
 _MODEL_LOCK = threading.Lock()  # hooks live on the shared model: one batch at a time per process
 
 
@@ -71,10 +73,40 @@ def shard_of_plan(run, shard: int) -> list[Batch]:
     return [Batch(name=n, layer=plan["targets"][n]["layer"], targets=plan["targets"][n]["targets"]) for n in names]
 
 
+def part_file(batch_name: str, kind: str) -> str:
+    return f"pathways/parts/{batch_name}.{kind}.json"
+
+
+def damaged_outputs(run, batch_name: str) -> str | None:
+    """Why a finished batch's outputs cannot be trusted — its marker unreadable or without hashes (an
+    older version), a part file or Zarr chunk missing or not what was written — else None."""
+    try:
+        marker = run.read_json(done_marker(batch_name))
+    except (ValueError, OSError) as e:
+        return f"marker is unreadable ({type(e).__name__})"
+    outputs = marker.get("outputs") if isinstance(marker, dict) else None
+    if not isinstance(outputs, dict) or not outputs:
+        return "marker lists no output hashes"
+    for rel, digest in outputs.items():
+        exists = run.exists(rel)
+        if digest is None:
+            if exists:
+                return f"{rel} exists where none was written"
+            continue
+        if not exists:
+            return f"{rel} is missing"
+        try:
+            if run.sha256(rel) != digest:
+                return f"{rel} is not what was written (sha256 differs)"
+        except (OSError, ValueError) as e:
+            return f"{rel} cannot be read ({e})"
+    return None
+
+
 def read_batch(run, batch_name: str) -> dict:
     """A finished batch's parts, read back from the run folder."""
-    return {"candidates": run.read_json(f"pathways/parts/{batch_name}.candidates.json"),
-            "validated": run.read_json(f"pathways/parts/{batch_name}.validated.json"),
+    return {"candidates": run.read_json(part_file(batch_name, "candidates")),
+            "validated": run.read_json(part_file(batch_name, "validated")),
             "marker": run.read_json(done_marker(batch_name)), "resumed": True}
 
 
@@ -100,7 +132,7 @@ def prepare_jacobians(cfg: Config, store_url: str, run_id: str, targets: list[di
         ctx = get_context(cfg)
         n_layers, d_sae, prompts = ctx.n_layers, ctx.saes[targets[0]["layer"]].d_sae, list(ctx.prompt_ids)
     positions = {k: v["position"] for k, v in prompt_positions(cfg).items()}
-    create_jacobians(run.zarr_store("jacobians.zarr"), [t["feature"] for t in targets], prompts, n_layers, d_sae,
+    create_jacobians(run.zarr_store(JACOBIANS), [t["feature"] for t in targets], prompts, n_layers, d_sae,
                      positions, keepbits=cfg.gradients.keepbits, writer=activation_writer(targets))
 
 
@@ -112,9 +144,12 @@ def batch_pathways(cfg: Config, store_url: str, run_id: str, batch: Batch) -> di
 
     run = open_run(store_url, run_id)
     logger = get_run_logger()
-    if run.exists(done_marker(batch.name)):  # finished before an interruption: read it back
-        logger.info("%s: done in an earlier attempt, not recomputed", batch.name)
-        return read_batch(run, batch.name)
+    if run.exists(done_marker(batch.name)):  # finished before an interruption: read it back, if intact
+        damage = damaged_outputs(run, batch.name)
+        if not damage:
+            logger.info("%s: done in an earlier attempt, not recomputed", batch.name)
+            return read_batch(run, batch.name)
+        logger.warning("%s: recomputed: its earlier output %s", batch.name, damage)
     interrupt.check()  # a run being stopped starts no more batches
     if batch.name in os.environ.get(FAIL_ENV, "").split(","):
         raise RuntimeError(f"{batch.name}: failing as {FAIL_ENV} asks")
@@ -124,8 +159,8 @@ def batch_pathways(cfg: Config, store_url: str, run_id: str, batch: Batch) -> di
         logger.warning("%s: attempt %d after out-of-memory, sub-batches of %d", batch.name, attempt, size)
     ctx = get_context(cfg)
     t0 = time.perf_counter()
-    interrupt.sleep(float(os.environ.get("PATHFLOW_BATCH_DELAY_S", "0")))  # debugging aid: slow batches down
-    cands, validated, memory = {}, {}, []
+    interrupt.sleep(BATCH_DELAY_S.read())  # debugging aid: slow batches down
+    cands, validated, memory, chunks_written = {}, {}, [], []
     decision = decision_ids(cfg, ctx.tokenizer) if cfg.decision.replay else None
     with _MODEL_LOCK:
         prefixes = ctx.prefixes()
@@ -133,18 +168,22 @@ def batch_pathways(cfg: Config, store_url: str, run_id: str, batch: Batch) -> di
             interrupt.check()
             sub = Batch(name=f"{batch.name}.{j}", layer=batch.layer, targets=list(part))
             bj = phase_a(ctx.model, ctx.saes, prefixes, sub, ctx.n_layers, ctx.device, backoff=False)
-            group = open_jacobians(run.zarr_store("jacobians.zarr"))
-            write_rows(group, [t["index"] for t in sub.targets], bj.grad)
-            if j == 0 and group.attrs.get("activation_writer") == batch.name:  # stored once, by one batch
+            group = open_jacobians(run.zarr_store(JACOBIANS))
+            rows = [t["index"] for t in sub.targets]
+            write_rows(group, rows, bj.grad)
+            writes_activation = j == 0 and group.attrs.get("activation_writer") == batch.name
+            if writes_activation:  # stored once, by one batch
                 write_activation(group, bj.activation)
+            chunks_written += [f"{JACOBIANS}/{k}" for k in chunk_keys(group, rows, writes_activation)]
             c = phase_b(bj, cfg.topk.k, cfg.topk.score, cfg.topk.min_abs_gradient)
             validated.update(phase_c(ctx.model, ctx.saes, prefixes, sub, c, cfg.replay, backoff=False,
                                       max_rows=size if attempt > 1 else None, decision=decision))
             cands.update(c)
             memory.append(bj.memory)
-    run.write_json(f"pathways/parts/{batch.name}.candidates.json", cands)
-    run.write_json(f"pathways/parts/{batch.name}.validated.json", validated)
-    marker = {"batch": batch.name, "targets": [t["feature"] for t in batch.targets], "attempt": attempt,
+    outputs = {rel: run.sha256(rel) if run.exists(rel) else None for rel in chunks_written}
+    outputs[part_file(batch.name, "candidates")] = run.write_json(part_file(batch.name, "candidates"), cands)
+    outputs[part_file(batch.name, "validated")] = run.write_json(part_file(batch.name, "validated"), validated)
+    marker = {"batch": batch.name, "outputs": outputs, "targets": [t["feature"] for t in batch.targets], "attempt": attempt,
               "sub_batch_size": size, "seconds": round(time.perf_counter() - t0, 4),
               "peak_memory_bytes": max(m["bytes"] for m in memory), "memory_kind": memory[0]["kind"],
               "host": socket.gethostname(), "pid": os.getpid(), "finished": time.time()}
