@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 SECRET = "sEcReTkEy123"
 
 
@@ -78,6 +79,9 @@ def config_with(demo: Path, where: Path, **changes) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--round", choices=("1", "2", "all"), default="all",
+                    help="1: the first sweep's cases and signals; 2: round two (resume, model/SAE files, environment, "
+                    "config strictness, files, security); all: both")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pathflow-sweep-"))
     demo = work / "demo"
@@ -91,10 +95,46 @@ def main() -> int:
     assert code == 0, out
     (complete,) = (store / "runs").iterdir()
     sealed = tree(complete)
-    cases: list[tuple[str, list, bool, dict]] = []  # (name, args, must_fail, env)
+    cases: list[tuple] = []  # (name, args, must_fail, env, setup, check)
 
-    def case(name, argv, must_fail=True, **e):
-        cases.append((name, argv, must_fail, e))
+    def case(name, argv, must_fail=True, setup=None, check=None, **e):
+        cases.append((name, argv, must_fail, e, setup, check))
+
+    if args.round in ("1", "all"):
+        round_one(demo, work, store, complete, cfg, case)
+    if args.round in ("2", "all"):
+        from hostile_round2 import round_two
+
+        round_two(demo, work, store, complete, cfg, case, pathflow)
+    results = []
+    for name, argv, must_fail, e, setup, check in cases:
+        t0 = time.monotonic()
+        if setup:
+            setup()
+        code, out = pathflow(argv, work, timeout=120, **e)
+        verdict = classify(code, out, must_fail)
+        if check and verdict in ("ok", "clean"):
+            verdict = check(code, out) or verdict
+        results.append({"case": name, "exit": code, "verdict": verdict, "seconds": round(time.monotonic() - t0, 1),
+                        "error": next((line for line in out.splitlines() if line.startswith("error:")), "")[:160]})
+        print(f"{verdict:10s} {code!s:>4} {name}", flush=True)
+    if args.round in ("1", "all"):
+        results += signals(work, cfg)
+    changed = tree(complete) != sealed
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+    summary = {"cases": len(results), "counts": counts, "complete_run_changed": changed,
+               "bad": [r for r in results if r["verdict"] not in ("ok", "clean")]}
+    if args.out:
+        args.out.write_text(json.dumps({"summary": summary, "results": results}, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(summary, indent=2))
+    return 0 if not summary["bad"] and not changed else 1
+
+
+def round_one(demo: Path, work: Path, store: Path, complete: Path, cfg: Path, case) -> None:
+    """The first sweep's 77 cases: configs, run ids, stores, --out, study files, manifests, tampering."""
 
     # configs
     for key, value in [("gradients__position", 9999), ("gradients__position", -9999), ("gradients__position", 0),
@@ -171,15 +211,11 @@ def main() -> int:
     case("verify an injected file", ["runs", "verify", t_run.name, "--store", tampered])
     case("verify complete", ["runs", "verify", complete.name, "--store", store], must_fail=False)
 
+
+
+def signals(work: Path, cfg: Path) -> list[dict]:
+    """Ctrl-C to the group, SIGINT, SIGTERM, SIGKILL during the batches; each run then resumed."""
     results = []
-    for name, argv, must_fail, e in cases:
-        t0 = time.monotonic()
-        code, out = pathflow(argv, work, timeout=120, **e)
-        verdict = classify(code, out, must_fail)
-        results.append({"case": name, "exit": code, "verdict": verdict, "seconds": round(time.monotonic() - t0, 1),
-                        "error": next((line for line in out.splitlines() if line.startswith("error:")), "")[:160]})
-        print(f"{verdict:10s} {code!s:>4} {name}", flush=True)
-    # signals: Ctrl-C to the group, SIGINT, SIGTERM, SIGKILL during the batches
     for how in ("SIGINT-group", "SIGINT", "SIGTERM", "SIGKILL"):
         s = work / f"s-{how}"
         before = set(subprocess.run(["pgrep", "-f", "prefect.server.api.server:create_app"], capture_output=True,
@@ -214,17 +250,7 @@ def main() -> int:
                         "resumed": code == 0})
         print(f"{results[-1]['verdict']:10s} signal {how}: stopped in {took and round(took, 1)} s, status {status}, "
               f"orphans {len(left)}, resumed {code == 0}", flush=True)
-    changed = tree(complete) != sealed
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
-    summary = {"cases": len(results), "counts": counts, "complete_run_changed": changed,
-               "bad": [r for r in results if r["verdict"] not in ("ok", "clean")]}
-    if args.out:
-        args.out.write_text(json.dumps({"summary": summary, "results": results}, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(summary, indent=2))
-    return 0 if not summary["bad"] and not changed else 1
+    return results
 
 
 if __name__ == "__main__":

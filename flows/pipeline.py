@@ -144,7 +144,8 @@ def start_or_resume(config: Config, run_id: str, resume: bool, kind: str, **extr
             removed = run.remove_temporaries()  # of writes a killed process never finished
             if removed:
                 get_run_logger().info("removed %d unfinished temporary files of run %s", removed, run_id)
-            run.update(status="running", resumes=(m["resumes"] if isinstance(m.get("resumes"), int) else 0) + 1, error=None)
+            resumes = m["resumes"] if isinstance(m.get("resumes"), int) else 0
+            run.update(status="running", resumes=resumes + 1, error=None)
         else:
             run.start({**provenance(config), "git_commit": git_commit(), "kind": kind, "positions": positions,
                        **extra})

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 

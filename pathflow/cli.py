@@ -865,7 +865,8 @@ def _flat(d, prefix=""):
 @runs_app.command("diff")
 def runs_diff(run_a: str, run_b: str, store: str | None = StoreOpt, as_json: bool = JsonOpt) -> None:
     """Config and result differences between two runs. Results are compared as results: run ids,
-    graph slugs, timings, hosts and other bookkeeping are ignored, floats to 1e-5. Exit 0 when the
+    graph slugs, timings, hosts and other bookkeeping are ignored, floats to float32 precision, Zarr
+    arrays to the precision they were stored with. Exit 0 when the
     results are the same, 1 when they differ."""
     from storage.diff import result_differences
 

@@ -250,8 +250,8 @@ class Config(_Strict):
             for c in pair:
                 if c not in known:
                     close = difflib.get_close_matches(c, sorted(known), n=1)
-                    raise ValueError(f"tokens.contrasts names condition {c!r}, which is not in study.conditions"
-                                     + (f" (did you mean {close[0]!r}?)" if close else f" ({', '.join(sorted(known))})"))
+                    hint = f" (did you mean {close[0]!r}?)" if close else f" ({', '.join(sorted(known))})"
+                    raise ValueError(f"tokens.contrasts names condition {c!r}, which is not in study.conditions{hint}")
         return self
 
     def hash(self) -> str:

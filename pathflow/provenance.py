@@ -11,7 +11,6 @@ from .readers import expand
 from .sae import layer_location, sae_file_hash
 from .study import file_sha256, sha256_of
 
-
 MODEL_FILES = ("*.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 

@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 LEASE = "lease.json"
 _MANIFEST_LOCK = threading.RLock()  # tasks of one process update the manifest one at a time
-__all__ = ["Store", "Run", "Lease", "StoreError", "RunComplete", "LeaseHeld", "LeaseLost", "TMP", "check_run_id", "redact", "new_run_id",
+__all__ = ["Store", "Run", "Lease", "StoreError", "RunComplete", "LeaseHeld", "LeaseLost", "TMP", "check_run_id",
+           "redact", "new_run_id",
            "git_commit", "now", "MANIFEST", "LEASE", "RUN_ID_RE"]
 
 

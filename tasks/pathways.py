@@ -183,7 +183,8 @@ def batch_pathways(cfg: Config, store_url: str, run_id: str, batch: Batch) -> di
     outputs = {rel: run.sha256(rel) if run.exists(rel) else None for rel in chunks_written}
     outputs[part_file(batch.name, "candidates")] = run.write_json(part_file(batch.name, "candidates"), cands)
     outputs[part_file(batch.name, "validated")] = run.write_json(part_file(batch.name, "validated"), validated)
-    marker = {"batch": batch.name, "outputs": outputs, "targets": [t["feature"] for t in batch.targets], "attempt": attempt,
+    marker = {"batch": batch.name, "outputs": outputs, "targets": [t["feature"] for t in batch.targets],
+              "attempt": attempt,
               "sub_batch_size": size, "seconds": round(time.perf_counter() - t0, 4),
               "peak_memory_bytes": max(m["bytes"] for m in memory), "memory_kind": memory[0]["kind"],
               "host": socket.gethostname(), "pid": os.getpid(), "finished": time.time()}
