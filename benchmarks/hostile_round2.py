@@ -231,20 +231,34 @@ def round_two(demo: Path, work: Path, store: Path, complete: Path, cfg: Path, ca
     damaged("model folder missing", lambda d: shutil.rmtree(d / "model"))
 
     # -- 4. resume: inputs checked, outputs checked, temporaries cleaned ---------------------------------------
+    # one failed run (its L3 batch failed; L1 and L2 done) of one bundle; each case restores both first
+    rbundle = _copy_demo(demo, w / "rbundle")
+    rstore = w / "rstore"
+    rrid = _failed_run(pathflow, rbundle, rstore, work, "L3-batch0")
+    pristine = w / "rpristine"
+    shutil.copytree(rbundle, pristine / "bundle")
+    shutil.copytree(rstore, pristine / "store")
+
+    counter = iter(range(10_000))
+
     def resume_case(name: str, damage, must_fail: bool, expect=None):
-        d = _copy_demo(demo, w / f"rdemo-{len(list(w.glob('rdemo-*')))}")
-        s = w / f"rs-{len(list(w.glob('rs-*')))}"
-        r = _failed_run(pathflow, d, s, work, "L3-batch0")
-        damage(d, s / "runs" / r)
+        s = w / f"rs-{next(counter)}"
+        run_dir = s / "runs" / rrid
+
+        def setup():
+            shutil.rmtree(rbundle)
+            shutil.copytree(pristine / "bundle", rbundle)
+            shutil.copytree(pristine / "store", s)
+            damage(rbundle, run_dir)
 
         def check(code, out):
             if must_fail:
                 return None
-            vcode, vout = _verify(pathflow, work, s, r)
+            vcode, vout = _verify(pathflow, work, s, rrid)
             if vcode != 0:
                 return "wrong"
-            return expect(d, s / "runs" / r) if expect else None
-        case(f"resume: {name}", ["run", "--resume", r, "--store", s], must_fail=must_fail, check=check)
+            return expect(rbundle, run_dir) if expect else None
+        case(f"resume: {name}", ["run", "--resume", rrid, "--store", s], must_fail=must_fail, setup=setup, check=check)
 
     def grad_rows_finite(d, run_dir):
         import numpy as np
@@ -272,7 +286,8 @@ def round_two(demo: Path, work: Path, store: Path, complete: Path, cfg: Path, ca
                 False, grad_rows_finite)
     resume_case("a done batch's Zarr chunk zeroed", lambda d, r: (r / "jacobians.zarr/grad/c/1/0/0/0").write_bytes(
         b"\0" * 64), False, grad_rows_finite)
-    resume_case("activation chunk deleted", lambda d, r: (r / "jacobians.zarr/activation/c/0/0/0").unlink(), False)
+    resume_case("an L2 row's chunk truncated", lambda d, r: (r / "jacobians.zarr/grad/c/2/0/0/0").write_bytes(
+        (r / "jacobians.zarr/grad/c/2/0/0/0").read_bytes()[:20]), False, grad_rows_finite)
     resume_case("a part file truncated", lambda d, r: (r / "pathways/parts/L1-batch0.validated.json").write_bytes(
         (r / "pathways/parts/L1-batch0.validated.json").read_bytes()[:100]), False)
     resume_case("a part file deleted", lambda d, r: (r / "pathways/parts/L2-batch0.candidates.json").unlink(), False)

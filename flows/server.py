@@ -86,9 +86,10 @@ def check_prefect_env() -> None:
     import httpx
 
     try:
-        from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+        from prefect.settings import Settings
 
-        home, api = Path(PREFECT_HOME.value()).expanduser(), PREFECT_API_URL.value()
+        settings = Settings()  # read now, from the environment and the profile (not a cached copy)
+        home, api = Path(settings.home).expanduser(), settings.api.url
     except Exception as e:  # Prefect refuses its own settings (a malformed value)
         raise PathflowError(f"Prefect's settings cannot be read: {str(e).splitlines()[0][:200]}") from None
     if home.exists() and not home.is_dir():

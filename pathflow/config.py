@@ -245,6 +245,8 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _known_conditions(self):
+        if "contrasts" not in self.tokens.model_fields_set:
+            return self  # the defaults name the real study's conditions; a study with its own names uses none
         known = set(self.study.conditions)
         for pair in self.tokens.contrasts:
             for c in pair:

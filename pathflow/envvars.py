@@ -26,7 +26,7 @@ class Number:
 
     def read(self) -> float | int:
         raw = os.environ.get(self.name)
-        if raw is None or raw.strip() == "":
+        if raw is None or raw == "":  # unset, or set empty (`VAR= pathflow …`): the default
             return self.default
         kind = "an integer" if self.integer else "a number"
         try:

@@ -72,6 +72,18 @@ class LeaseLost(PathflowError):
 TMP = ".tmp-"  # the infix of a write's temporary name (write, then rename)
 
 
+def _precondition_failed(e: BaseException) -> bool:
+    """An object store's 412 (a conditional PUT refused), however its client words it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e)
+        if "412" in text or "PreconditionFailed" in text or "pre-conditions you specified" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _no_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
@@ -413,7 +425,7 @@ class Run:
                         redact(self.store.url))
             self.fs.pipe_file(self._abs(MANIFEST), data)
         except OSError as e:
-            if "412" in str(e) or "PreconditionFailed" in str(e):
+            if _precondition_failed(e):
                 return False
             raise
         return True
@@ -565,7 +577,7 @@ class Lease:
             fs.pipe_file(self.path, data)
             return True
         except OSError as e:  # S3 answers 412 PreconditionFailed when the object exists
-            if "412" in str(e) or "PreconditionFailed" in str(e):
+            if _precondition_failed(e):
                 return False
             raise
 

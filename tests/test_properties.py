@@ -204,3 +204,89 @@ def test_a_complete_run_never_changes(sequence, sealed_run):
         except PathflowError:
             pass
     assert tree(Path(path)) == before
+
+
+# -- round two (issue 22): the readers of environment variables, configs, safetensors headers, manifests,
+# and what is printed or written from input ------------------------------------------------------------------
+
+FAST = settings(max_examples=80, deadline=None)
+
+
+@FAST
+@given(raw=st.one_of(st.text(max_size=20), st.sampled_from(["nan", "-inf", "1e400", "0", "5", "86400", " 7 ", "0x1"])))
+def test_environment_numbers_are_in_range_or_one_error(raw):
+    from pathflow.envvars import NUMBERS
+    from pathflow.errors import PathflowError
+
+    for var in NUMBERS:
+        if "\x00" in raw or any(0xD800 <= ord(c) <= 0xDFFF for c in raw):
+            continue  # an environment cannot hold these
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv(var.name, raw)
+            try:
+                v = var.read()
+            except PathflowError as e:
+                assert var.name in str(e)
+            else:
+                assert math.isfinite(v) and var.lo <= v <= var.hi
+
+
+@FAST
+@given(text=st.one_of(st.text(max_size=200), st.builds(
+    lambda a, b: f"{a}:\n  k: 1\n{b}:\n  k: 2\n", st.sampled_from(["study", "model", "x"]),
+    st.sampled_from(["study", "model", "x"]))))
+def test_any_config_text_loads_or_is_one_config_error(text, tmp_path_factory):
+    from pathflow.config import Config, ConfigError, load_config
+
+    p = tmp_path_factory.mktemp("c") / "c.yaml"
+    p.write_text(text)
+    try:
+        assert isinstance(load_config(p), Config)
+    except ConfigError as e:
+        assert str(p) in str(e) or "invalid config" in str(e)
+
+
+@FAST
+@given(head=st.binary(max_size=64), body=st.binary(max_size=256))
+def test_any_bytes_as_safetensors_are_a_header_or_one_error(head, body, tmp_path_factory):
+    from pathflow.errors import PathflowError
+    from pathflow.weights import read_header
+
+    p = tmp_path_factory.mktemp("st") / "w.safetensors"
+    p.write_bytes(head + body)
+    try:
+        header = read_header(p)
+    except PathflowError as e:
+        assert str(p) in str(e)
+    else:
+        assert all(t["data_offsets"][1] <= p.stat().st_size for t in header.values())
+
+
+@FAST
+@given(m=nested)
+def test_any_manifest_is_usable_or_one_store_error(m, tmp_path_factory):
+    from storage.store import Store, StoreError
+
+    root = tmp_path_factory.mktemp("m")
+    (root / "runs" / "r1").mkdir(parents=True)
+    (root / "runs" / "r1" / "manifest.json").write_text(json.dumps(m, allow_nan=True))
+    try:
+        got = Store(str(root)).run("r1").manifest()
+    except StoreError as e:
+        assert "manifest.json" in str(e)
+    else:
+        assert isinstance(got["config"], dict) and isinstance(got.get("outputs", {}), dict)
+        assert all(isinstance(v, str) for v in got.get("outputs", {}).values())
+
+
+@FAST
+@given(text=st.text(max_size=80))
+def test_printed_input_never_carries_a_control_character(text):
+    from pathflow.integrate import FORMULA_START, csv_cell
+    from pathflow.safe_text import escape_controls
+
+    shown = escape_controls(text)
+    assert not any((ord(c) < 0x20 and c not in "\n\t") or 0x7F <= ord(c) < 0xA0 for c in shown)
+    if text.isprintable():
+        assert shown == text
+    assert not str(csv_cell(text)).startswith(FORMULA_START)
