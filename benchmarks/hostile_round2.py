@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 NUM_ENVS = {
     "PATHFLOW_LEASE_TTL_S": ["0", "-5", "nan", "inf", "abc", "1", "1e400", " "],
     "PATHFLOW_INTERRUPT_GRACE_S": ["-1", "nan", "inf", "abc", "1e9"],
@@ -33,22 +31,6 @@ NUM_ENVS = {
 def _copy_demo(demo: Path, to: Path) -> Path:
     shutil.copytree(demo, to)
     return to
-
-
-def _cfg(demo: Path, where: Path, text_edit=None, **changes) -> Path:
-    """A config for ``demo`` (its own paths, made absolute) with ``section__key`` changes."""
-    data = yaml.safe_load((demo / "config.yaml").read_text())
-    for dotted, value in changes.items():
-        section, key = dotted.split("__")
-        data.setdefault(section, {})[key] = value
-    text = yaml.safe_dump(data).replace("./model", str(demo / "model")).replace("./saes", str(demo / "saes"))
-    text = text.replace("study/", str(demo / "study") + "/")
-    if text_edit:
-        text = text_edit(text)
-    where.mkdir(parents=True, exist_ok=True)
-    p = where / f"cfg2-{len(list(where.glob('cfg2-*')))}.yaml"
-    p.write_text(text)
-    return p
 
 
 def _safetensors(path: Path, tensors: dict) -> None:
@@ -79,7 +61,9 @@ def _verify(pathflow, work, store, rid) -> tuple[int | None, str]:
     return pathflow(["runs", "verify", rid, "--store", store], work, timeout=120)
 
 
-def round_two(demo: Path, work: Path, store: Path, complete: Path, cfg: Path, case, pathflow) -> None:
+def round_two(demo: Path, work: Path, store: Path, complete: Path, cfg: Path, case, pathflow, config_with) -> None:
+    """Register round two's cases with ``case``; ``pathflow`` and ``config_with`` are the sweep's."""
+    _cfg = config_with
     w = work / "r2"
     w.mkdir()
     rid = complete.name
@@ -317,7 +301,8 @@ def round_two(demo: Path, work: Path, store: Path, complete: Path, cfg: Path, ca
                        ("a leftover temporary", lambda r: (r / "integrated/summary.csv.tmp-0badf00d").write_text("x"))]:
         s, _ = run_copy(what, edit)
         case(f"verify with {what}", ["runs", "verify", rid, "--store", s])
-        case(f"diff with {what}", ["runs", "diff", rid, rid, "--store", s])
+        # diff compares results: a leftover temporary is none (verify names it), anything else is refused
+        case(f"diff with {what}", ["runs", "diff", rid, rid, "--store", s], must_fail="temporary" not in what)
     for name, body_edit in [("without outputs", lambda m: m.pop("outputs")),
                             ("config a list", lambda m: m.update(config=[1, 2])),
                             ("NaN step time", None),

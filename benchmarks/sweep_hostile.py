@@ -64,13 +64,18 @@ def tree(path: Path) -> dict:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def config_with(demo: Path, where: Path, **changes) -> Path:
+def config_with(demo: Path, where: Path, text_edit=None, **changes) -> Path:
+    """A config for ``demo`` (its paths made absolute) with ``section__key`` changes, and ``text_edit``
+    applied to its YAML text (for what a mapping cannot hold: a key written twice)."""
     data = yaml.safe_load((demo / "config.yaml").read_text())
     for dotted, value in changes.items():
         section, key = dotted.split("__")
         data.setdefault(section, {})[key] = value
     text = yaml.safe_dump(data).replace("./model", str(demo / "model")).replace("./saes", str(demo / "saes"))
     text = text.replace("study/", str(demo / "study") + "/")
+    if text_edit:
+        text = text_edit(text)
+    where.mkdir(parents=True, exist_ok=True)
     p = where / f"cfg-{len(list(where.glob('cfg-*')))}.yaml"
     p.write_text(text)
     return p
@@ -105,7 +110,7 @@ def main() -> int:
     if args.round in ("2", "all"):
         from hostile_round2 import round_two
 
-        round_two(demo, work, store, complete, cfg, case, pathflow)
+        round_two(demo, work, store, complete, cfg, case, pathflow, config_with)
     results = []
     for name, argv, must_fail, e, setup, check in cases:
         t0 = time.monotonic()

@@ -77,9 +77,27 @@ def check_decision(cfg: Config) -> None:
     answer_id(tok, cfg.decision.stop, "stop")
 
 
+def check_model_location(cfg: Config) -> None:
+    """A model given as a path (absolute, or relative to the config file) must be a folder there: a hub
+    id looks different, and the hub's own error for a missing path ("Repo id must be in the form…")
+    would name the wrong problem."""
+    import os
+
+    name = cfg.model.name_or_path
+    looks_local = name.startswith(("/", ".", "~")) or os.path.exists(name)
+    if looks_local and not os.path.isdir(name):
+        raise PathflowError(f"model folder {name} not found: fix model.name_or_path (relative paths are relative to "
+                            "the config file)")
+    if looks_local:
+        from .weights import _json
+
+        _json(Path(name) / "config.json", "the model's config")  # present and a JSON object, or one error
+
+
 def preflight(cfg: Config) -> dict[str, dict]:
     """Everything checkable before work starts; returns ``prompt_positions``."""
     resolve_device(cfg.model.device)
+    check_model_location(cfg)
     check_saes(cfg)
     check_decision(cfg)
     return prompt_positions(cfg)
