@@ -78,9 +78,10 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 60.0) -> Non
                         "set PREFECT_API_URL to a running server instead")
 
 
-def check_prefect_env() -> None:
+def check_prefect_env(reach: bool = False) -> None:
     """Prefect's own settings, checked before any work: PREFECT_HOME a writable folder (the temporary
-    server keeps its database there), PREFECT_API_URL — when set — an http(s) URL that answers."""
+    server keeps its database there), PREFECT_API_URL — when set — an http(s) URL, and with ``reach``
+    one that answers (asked only once everything local is checked: no server is contacted before)."""
     from urllib.parse import urlsplit
 
     import httpx
@@ -106,6 +107,8 @@ def check_prefect_env() -> None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise PathflowError(f"PREFECT_API_URL={str(api)[:80]!r} is not an http(s) URL: give the server's API, e.g. "
                             "http://127.0.0.1:4200/api, or unset it for a temporary server")
+    if not reach:
+        return
     try:
         with httpx.Client(timeout=10) as client:
             code = client.get(f"{str(api).rstrip('/')}/health").status_code
@@ -153,6 +156,7 @@ def prefect_api(early: tuple[subprocess.Popen, str] | None = None) -> Iterator[s
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     if early is None and PREFECT_API_URL.value():
+        check_prefect_env(reach=True)  # a server that does not answer is one line now, not a failure mid-run
         yield None
         return
     proc, url = early or launch_server()

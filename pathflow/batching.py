@@ -39,7 +39,7 @@ def check_memory(batch_len: int) -> None:
     from .envvars import SIMULATE_OOM_ABOVE
 
     limit = SIMULATE_OOM_ABOVE.read()
-    if limit and batch_len > limit:
+    if limit >= 0 and batch_len > limit:
         raise SimulatedOutOfMemory(f"CUDA out of memory (simulated: batch of {batch_len} > {SIMULATE_ENV}={limit})")
 
 

@@ -46,8 +46,8 @@ INTERRUPT_GRACE_S = Number("PATHFLOW_INTERRUPT_GRACE_S", 10.0, 0.0, 3600.0,
                            help="seconds a stopping run may take before the process exits at once")
 MAX_JSON_MB = Number("PATHFLOW_MAX_JSON_MB", 512, 1, 1 << 20, integer=True,
                      help="the largest study JSON file read whole, in MB")
-SIMULATE_OOM_ABOVE = Number("PATHFLOW_SIMULATE_OOM_ABOVE", 0, 0, 1 << 30, integer=True,
-                            help="(testing) batches larger than this fail as out of memory; 0: off")
+SIMULATE_OOM_ABOVE = Number("PATHFLOW_SIMULATE_OOM_ABOVE", -1, 0, 1 << 30, integer=True,  # unset (-1): off
+                            help="(testing) batches larger than this fail as out of memory")
 BATCH_DELAY_S = Number("PATHFLOW_BATCH_DELAY_S", 0.0, 0.0, 3600.0, help="(testing) seconds each batch waits")
 
 NUMBERS = (LEASE_TTL_S, INTERRUPT_GRACE_S, MAX_JSON_MB, SIMULATE_OOM_ABOVE, BATCH_DELAY_S)

@@ -63,7 +63,10 @@ def test_prefect_settings_are_checked_before_work(demo_dir, tmp_path, monkeypatc
         with pytest.MonkeyPatch.context() as m:
             m.setenv("PREFECT_API_URL", url)
             with pytest.raises(PathflowError, match=needle):
-                check_prefect_env()
+                check_prefect_env(reach=True)
+    with pytest.MonkeyPatch.context() as m:  # without reach, nothing is contacted: only the URL's form is checked
+        m.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+        check_prefect_env()
 
 
 # -- the config ---------------------------------------------------------------------------------------------
@@ -378,8 +381,11 @@ def test_a_writer_that_lost_its_lease_writes_nothing_more(tmp_path):
 def test_manifest_writes_are_compare_and_swap_on_s3(s3, monkeypatch):
     from storage.store import Store
 
+    import s3fs
+
     for k, v in s3.items():
         monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()  # an instance of an earlier test would talk to its (stopped) server
     run = Store("s3://pathflow/cas").run("r1")
     run.start({"config": {}})
     stale = run._etag()
