@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
