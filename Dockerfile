@@ -58,7 +58,8 @@ ENV PATH=/opt/pathflow/bin:$PATH \
     PATHFLOW_STORE=/data/store \
     HF_HOME=/home/pathflow/.cache/huggingface \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    MALLOC_ARENA_MAX=2
 VOLUME ["/home/pathflow/.cache/huggingface", "/data/store"]
 USER 10001:10001
 WORKDIR /home/pathflow/work

@@ -28,6 +28,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 CONDITIONS = ["safe_baseline", "safe_with_safe_patch", "safe_with_risky_patch", "risky_baseline",
               "risky_with_safe_patch", "risky_with_risky_patch"]
@@ -46,16 +47,27 @@ def _response(rng: random.Random, p_stop: float) -> dict:
     return {"response": f"1\nBet ${bet}", "parsed": {"action": "bet", "bet": bet, "valid": True}}
 
 
-def make_study(demo: Path, out: Path, n: int, trials: int = 10, seed: int = 0) -> tuple[Path, list[str]]:
-    """A study of ``n`` causal features of the demo model in the real formats; returns its config."""
+def make_study(demo: Path, out: Path, n: int, trials: int = 10, seed: int = 0,
+               feats: list[tuple[int, int]] | None = None, responses: list[dict] | None = None
+               ) -> tuple[Path, list[str]]:
+    """A study of ``n`` causal features of the bundle ``demo``'s model in the real formats (``feats``: which,
+    by default the first ``n`` above layer 0; ``responses``: logged responses drawn from these, by default
+    made up); returns its config."""
     rng = random.Random(seed)
     demo_cfg = yaml.safe_load((demo / "config.yaml").read_text())
     hp = json.loads(next((demo / "saes").glob("*/hyperparams.json")).read_text())
     n_layers = json.loads((demo / "model" / "config.json").read_text())["num_hidden_layers"]
     d_sae = hp["d_sae"]
-    feats = [(layer, fid) for layer in range(1, n_layers) for fid in range(d_sae)][:n]
-    if len(feats) < n:
-        raise SystemExit(f"the demo model has only {len(feats)} features above layer 0")
+    if feats is None:
+        feats = [(layer, fid) for layer in range(1, n_layers) for fid in range(d_sae)][:n]
+        if len(feats) < n:
+            raise SystemExit(f"the demo model has only {len(feats)} features above layer 0")
+    by_action = {a: [r for r in responses or [] if r["parsed"]["action"] == a] for a in ("bet", "stop")}
+
+    def respond(p_stop: float) -> dict:
+        if not responses:
+            return _response(rng, p_stop)
+        return rng.choice(by_action["stop" if rng.random() < p_stop else "bet"] or responses)
     ck, logs = out / "study" / "checkpoints", out / "study" / "response_logs"
     ck.mkdir(parents=True)
     logs.mkdir(parents=True)
@@ -73,7 +85,7 @@ def make_study(demo: Path, out: Path, n: int, trials: int = 10, seed: int = 0) -
             shift = 0.25
             p_stop = {"safe_baseline": 0.6, "risky_baseline": 0.3, "safe_with_safe_patch": 0.85,
                       "safe_with_risky_patch": 0.35, "risky_with_safe_patch": 0.55, "risky_with_risky_patch": 0.05}
-            entries += [{"feature": name, "condition": c, "trial": t, **_response(rng, p_stop[c])}
+            entries += [{"feature": name, "condition": c, "trial": t, **respond(p_stop[c])}
                         for c in CONDITIONS for t in range(trials)]
             if schema == "flat":
                 results.append({"feature": name, "layer": layer, "feature_id": fid, "cohen_d": round(d, 4),
@@ -101,6 +113,7 @@ def make_study(demo: Path, out: Path, n: int, trials: int = 10, seed: int = 0) -
            "model": {**demo_cfg["model"], "name_or_path": str((demo / "model").resolve())},
            "sae": {**demo_cfg["sae"], "root": str((demo / "saes").resolve())},
            "selection": {"top_per_layer": d_sae, "rank_by": "cohen_d"}}
+    cfg.pop("store", None)
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path, names
@@ -162,17 +175,37 @@ def main(argv=None) -> dict:
     ap.add_argument("--demo", help="a demo bundle (default: build one in a temporary folder)")
     ap.add_argument("--keep", help="keep the study and its store in this folder")
     ap.add_argument("--repeats", type=int, default=1, help="runs of the flow; each time reported is the minimum")
+    ap.add_argument("--shape", choices=("demo", "study"), default="demo",
+                    help="demo: the demo bundle's model (4 layers, 512-wide SAEs); study: the real study's shapes "
+                    "but the width (benchmarks/study_shapes.py: 32 layers, 32K-wide SAEs, ~100 active per token, "
+                    "the LLaMA-3 tokenizer and the real prompts, --per-layer features in each of layers 1..)")
+    ap.add_argument("--layers", type=int, default=32, help="--shape study: the model's layers")
+    ap.add_argument("--width", type=int, default=256, help="--shape study: the model's width")
+    ap.add_argument("--d-sae", type=int, default=32768, help="--shape study: the SAEs' width")
+    ap.add_argument("--per-layer", type=int, default=50, help="--shape study: causal features per layer")
     args = ap.parse_args(argv)
     from pathflow.demo import write_demo
 
     tmp = tempfile.TemporaryDirectory()
     work = Path(args.keep) if args.keep else Path(tmp.name)
     work.mkdir(parents=True, exist_ok=True)
-    demo = Path(args.demo) if args.demo else write_demo(work / "demo").parent
+    feats = responses = None
+    t0 = time.perf_counter()
+    if args.shape == "study":
+        from study_shapes import real_responses, study_features, write_bundle
+
+        demo = write_bundle(work / f"bundle-{args.layers}x{args.width}-{args.d_sae}", args.width, args.layers,
+                            args.d_sae).parent
+        feats = study_features(args.layers, args.d_sae, args.per_layer)
+        responses = real_responses()
+        args.features = len(feats)
+    else:
+        demo = Path(args.demo) if args.demo else write_demo(work / "demo").parent
+    bundle_s = time.perf_counter() - t0
     for old in (work / f"study-{args.features}", work / f"store-{args.features}"):  # this benchmark's own
         shutil.rmtree(old, ignore_errors=True)
     t0 = time.perf_counter()
-    cfg, names = make_study(demo, work / f"study-{args.features}", args.features)
+    cfg, names = make_study(demo, work / f"study-{args.features}", args.features, feats=feats, responses=responses)
     make_s = time.perf_counter() - t0
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     walls, steps_seen, outside = [], {s: [] for s in STEPS}, []
@@ -180,7 +213,7 @@ def main(argv=None) -> dict:
         store = work / f"store-{args.features}" / str(i)
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, "-m", "pathflow", "run", "-c", str(cfg), "--store", str(store)],
-                           capture_output=True, text=True, env=env)
+                           capture_output=True, text=True, env=env, cwd=str(ROOT))
         wall = time.perf_counter() - t0
         if r.returncode != 0:
             print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
@@ -199,12 +232,16 @@ def main(argv=None) -> dict:
         "features": len(names), "targets_traced": len(json.loads((run_dir / "pathways" / "candidates.json")
                                                                  .read_text())["targets"]),
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-        "seconds": {"make_study": make_s, "repeats": args.repeats, "run_wall": wall, "steps": steps,
+        "shape": {"kind": args.shape, **({"layers": args.layers, "width": args.width, "d_sae": args.d_sae,
+                                          "per_layer": args.per_layer} if args.shape == "study" else {})},
+        "seconds": {"bundle": bundle_s, "make_study": make_s, "repeats": args.repeats, "run_wall": wall,
+                    "steps": steps,
                     "outside_steps": min(outside),
                     "outside_share": min(o / w for o, w in zip(outside, walls)),
                     "all_walls": walls,
                     "tokens_over_pathways": steps.get("tokens", 0) / max(1e-9, steps.get("pathways", 0))},
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+        "peak_rss_bytes_per_step": {s: m["steps"][s].get("peak_rss_bytes") for s in STEPS if s in m["steps"]},
         "bytes": sizes,
         "projected_real": projection(run_dir, sizes),
     }

@@ -934,10 +934,26 @@ def console_main() -> None:
     garbage collector never walks those objects again — at 1,500 features the final collection of
     half a million objects alone took 1.2 s."""
     CONSOLE[0] = True
+    _bound_malloc_arenas()
     try:
         main()
     finally:
         gc.freeze()
+
+
+def _bound_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread that allocates its own malloc arena and keeps it (~0.2 GiB each after large
+    tensor work); Prefect runs every task in a thread of its own, so a long run grows by an arena per batch.
+    Two arenas (MALLOC_ARENA_MAX=2, here set from inside) halved a 16-layer run's peak with no slowdown.
+    A MALLOC_ARENA_MAX the user set wins."""
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 def _settle() -> None:

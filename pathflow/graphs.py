@@ -238,42 +238,33 @@ class Target:
         return Output(layer=self.layer, feature=self.feature, pos=self.pos)
 
 
-def _row(nw: NodeWeights, r: int, state: PromptState, below: int, upto: int) -> dict[Key, float]:
-    """The nonzero node weights of row ``r`` over nodes below layer ``below`` at positions ≤ ``upto``."""
-    out: dict[Key, float] = {}
-    for l, w in nw.feature.items():
-        if l >= below:
-            continue
-        pos, feat = state.acts[l][0].cpu(), state.acts[l][1].cpu()  # one copy off the GPU, not one per entry
-        row = w[r].cpu()
-        keep = torch.nonzero((pos <= upto) & (row != 0)).flatten()
-        out.update({("f", l, q, i): v for q, i, v in zip(pos[keep].tolist(), feat[keep].tolist(),
-                                                         row[keep].tolist())})
-    for l, w in nw.error.items():
-        if l < below:
-            out.update({("e", l, q): v for q, v in enumerate(w[r, : upto + 1].tolist())})
-    out.update({("E", q): v for q, v in enumerate(nw.emb[r, : upto + 1].tolist())})
-    return out
-
-
-def select_nodes(to_target: dict[Key, float], to_decision: dict[Key, float], node_threshold: float,
-                 max_nodes: int | None = None) -> tuple[list[Key], dict[Key, float], dict[Key, float]]:
-    """The kept candidates, every candidate's cumulative influence and its influence.
+def select_candidates(t: torch.Tensor, d: torch.Tensor, always: torch.Tensor, node_threshold: float,
+                      max_nodes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Node selection over c candidates as tensors: ``t``, ``d`` [c] their weights on the target and the
+    decision, ``always`` [c] the candidates kept whatever their influence (embeddings). Returns
+    (keep [c] bool, cumulative influence [c], influence [c]), float64.
 
     A node's influence is its share of the target's total |weight| plus its share of the
     decision's, half each (the two outputs, as circuit-tracer weighs its logits)."""
-    keys = sorted(set(to_target) | set(to_decision))
-    if not keys:
-        return [], {}, {}
-    t = torch.tensor([abs(to_target.get(k, 0.0)) for k in keys], dtype=torch.float64)
-    d = torch.tensor([abs(to_decision.get(k, 0.0)) for k in keys], dtype=torch.float64)
+    t, d = t.double().abs(), d.double().abs()
     infl = 0.5 * t / t.sum().clamp(min=1e-30) + 0.5 * d / d.sum().clamp(min=1e-30)
-    always = torch.tensor([k[0] == "E" for k in keys])
     keep = prune(infl, always, node_threshold)
     if max_nodes is not None and int((keep & ~always).sum()) > max_nodes:  # the most influential only
         cut = torch.sort(infl[keep & ~always], descending=True).values[max_nodes - 1]
         keep &= (infl >= cut) | always
-    cum = cumulative_influence(infl)
+    return keep, cumulative_influence(infl), infl
+
+
+def select_nodes(to_target: dict[Key, float], to_decision: dict[Key, float], node_threshold: float,
+                 max_nodes: int | None = None) -> tuple[list[Key], dict[Key, float], dict[Key, float]]:
+    """``select_candidates`` over nodes named by keys: (the kept nodes, every candidate's cumulative
+    influence, its influence)."""
+    keys = sorted(set(to_target) | set(to_decision))
+    if not keys:
+        return [], {}, {}
+    t = torch.tensor([to_target.get(k, 0.0) for k in keys], dtype=torch.float64)
+    d = torch.tensor([to_decision.get(k, 0.0) for k in keys], dtype=torch.float64)
+    keep, cum, infl = select_candidates(t, d, torch.tensor([k[0] == "E" for k in keys]), node_threshold, max_nodes)
     return ([k for k, m in zip(keys, keep.tolist()) if m], {k: float(c) for k, c in zip(keys, cum.tolist())},
             {k: float(v) for k, v in zip(keys, infl.tolist())})
 
@@ -321,6 +312,50 @@ class Graph:
     replay: dict | None = None  # {feature node: {"predicted", "actual", "decision"}}: each kept feature ablated
 
 
+class FlatNodes:
+    """Every node of one prompt as one index space, in ``_flat``'s order: the active SAE entries
+    (layers in order), then the SAE errors [layer, position], then the embeddings [position].
+
+    layer, pos: [N]  each node's layer (−1 for embeddings) and position;  kind: "f" | "e" | "E" by range.
+    A row of node weights over this space is a tensor [N]: selection and edges are gathers on it, so
+    nothing is kept per (node × active entry) as Python objects."""
+
+    def __init__(self, state: PromptState) -> None:
+        layers = sorted(state.acts)
+        n = len(state.ids)
+        self.layers, self.n = layers, n
+        f_layer = torch.cat([torch.full((len(state.acts[l][0]),), l) for l in layers]) if layers else torch.zeros(0)
+        f_pos = torch.cat([state.acts[l][0].cpu() for l in layers]) if layers else torch.zeros(0)
+        self.f_feat = torch.cat([state.acts[l][1].cpu() for l in layers]).long() if layers else torch.zeros(0).long()
+        self.m = len(f_layer)
+        e_layer = torch.tensor(layers).repeat_interleave(n)
+        e_pos = torch.arange(n).repeat(len(layers))
+        self.layer = torch.cat([f_layer.long(), e_layer.long(), torch.full((n,), -1)])
+        self.pos = torch.cat([f_pos.long(), e_pos.long(), torch.arange(n)])
+        self.size = len(self.layer)
+        self.is_feature = torch.arange(self.size) < self.m
+
+    def key(self, i: int) -> Key:
+        if i < self.m:
+            return ("f", int(self.layer[i]), int(self.pos[i]), int(self.f_feat[i]))
+        if i < self.m + len(self.layers) * self.n:
+            return ("e", int(self.layer[i]), int(self.pos[i]))
+        return ("E", int(self.pos[i]))
+
+    def allowed(self, below: int, upto: int) -> torch.Tensor:
+        """[N] the nodes an output of layer ``below`` at position ``upto`` can depend on."""
+        return (self.layer < below) & (self.pos <= upto)
+
+    def is_embedding(self) -> torch.Tensor:
+        return self.layer < 0
+
+
+def _vec(nw: NodeWeights, r: int, state: PromptState) -> torch.Tensor:
+    """Row ``r``'s weights over ``FlatNodes`` [N], on the CPU."""
+    f = _flat(nw, r, state)
+    return torch.cat([f["weight"], f["error"].flatten(), f["embedding"]])
+
+
 def _batches(items: list, size: int):
     for i in range(0, len(items), max(1, size)):
         yield items[i:i + max(1, size)]
@@ -337,40 +372,52 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
     state = prompt_state(model, saes, input_ids)
     n = len(state.ids)
     acts = state.activations
+    flat = FlatNodes(state)
+    embedding = flat.is_embedding()
     dec = output_gradients(model, saes, input_ids, [decision_output(model, bet, stop, n)])
     dec_w = node_weights(state, saes, dec)
-    pending = []  # (target, its row's weights, the decision's, kept nodes, influence)
+    dec_vec = _vec(dec_w, 0, state)
+    pending = []  # per target: what its graph needs of its candidates, for its kept nodes only
     dense: dict = {"targets": []}  # every target's weights over every active entry, for graphs.zarr
-    dec_rows: dict[tuple[int, int], dict[Key, float]] = {}
     for chunk, (g, w) in _weights(model, saes, input_ids, state, targets, lambda t: t.output(), batch_size):
         for r, t in enumerate(chunk):
             dense["targets"].append(_flat(w, r, state))
-            to_t = _row(w, r, state, t.layer, t.pos)
-            if (t.layer, t.pos) not in dec_rows:  # the same for every target of a layer and position
-                dec_rows[t.layer, t.pos] = _row(dec_w, 0, state, t.layer, t.pos)
-            to_d = dec_rows[t.layer, t.pos]
-            kept, cum, infl = select_nodes(to_t, to_d, node_threshold, max_nodes)
-            pending.append((t, float(g.value[r]), to_t, to_d, kept, cum, infl))
-    # the incoming weights of every kept feature, each computed once
-    inner = sorted({k for *_, kept, _, _ in pending for k in kept if k[0] == "f"})
+            vec = _vec(w, r, state)
+            allowed = flat.allowed(t.layer, t.pos)
+            # the candidates: active features with a weight on either output, every error and embedding
+            cand = torch.nonzero(allowed & (~flat.is_feature | (vec != 0) | (dec_vec != 0))).flatten()
+            keep, cum, infl = select_candidates(vec[cand], dec_vec[cand], embedding[cand], node_threshold, max_nodes)
+            kept_idx = cand[keep]
+            kept = [flat.key(int(i)) for i in kept_idx]
+            named = cand[keep | embedding[cand]]  # the kept nodes and every embedding carry an influence
+            pending.append((t, float(g.value[r]), kept, kept_idx,
+                            {flat.key(int(i)): float(c) for i, c in zip(named, cum[keep | embedding[cand]])},
+                            {k: float(v) for k, v in zip(kept, infl[keep])},
+                            vec[kept_idx].tolist(), dec_vec[kept_idx].tolist()))
+    # the incoming weights of every kept feature, each computed once, from the kept nodes only
+    inner = sorted({k for p in pending for k in p[2] if k[0] == "f"})
+    pool = torch.tensor(sorted({int(i) for p in pending for i in p[3]}), dtype=torch.long)
+    pool_keys = [flat.key(int(i)) for i in pool]
     incoming: dict[Key, dict[Key, float]] = {}
     as_output = lambda k: Output(layer=k[1], feature=k[3], pos=k[2])  # noqa: E731
     for chunk, (_, w) in _weights(model, saes, input_ids, state, inner, as_output, batch_size):
         for r, k in enumerate(chunk):
-            incoming[k] = _row(w, r, state, k[1], k[2])
+            into = _vec(w, r, state)[pool]
+            incoming[k] = {u: v for u, v in zip(pool_keys, into.tolist()) if v}
     replayed = replay_nodes(model, saes, input_ids, state, inner, targets, (bet, stop), batch_size)
     graphs = []
     decision = float(dec.value[0])
     dense["decision"] = _flat(dec_w, 0, state)
-    for t, pre, to_t, to_d, kept, cum, infl in pending:
+    for t, pre, kept, _, cum, infl, w_t, w_d in pending:
         T, D = ("t",), ("D",)
         nodes = set(kept)
+        to_t = dict(zip(kept, w_t))
         edges: dict[tuple[Key, Key], float] = {}
-        for k in kept:
-            if to_t.get(k):
-                edges[(k, T)] = to_t[k]
-            if to_d.get(k):
-                edges[(k, D)] = to_d[k]
+        for k, wt, wd in zip(kept, w_t, w_d):
+            if wt:
+                edges[(k, T)] = wt
+            if wd:
+                edges[(k, D)] = wd
             for u, w in incoming.get(k, {}).items():
                 if u in nodes and w:
                     edges[(u, k)] = w
@@ -380,7 +427,7 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
         if a_t * d_grad:
             edges[(T, D)] = a_t * d_grad
         # the two outputs weigh half each; a kept node weighs its influence on them
-        weight_of = {T: 0.5, D: 0.5, **{k: infl[k] for k in kept}}
+        weight_of = {T: 0.5, D: 0.5, **infl}
         edges = prune_edges(edges, weight_of, edge_threshold)
         nodes, edges = drop_dangling(nodes | {T, D}, edges)
         # the ablation's first-order prediction is −weight; replay measures the real change

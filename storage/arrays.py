@@ -80,9 +80,15 @@ def _rounded(group: zarr.Group, x: np.ndarray) -> np.ndarray:
     return _round(x, group.attrs.get("keepbits"))
 
 
-def write_rows(group: zarr.Group, rows: list[int], grad: np.ndarray) -> None:
-    """Write whole target rows (= whole chunks): grad [len(rows), prompt, layer, feature]."""
-    grad = _rounded(group, grad)
+def write_rows(group: zarr.Group, rows: list[int], grad: np.ndarray, valid_layers: int | None = None) -> None:
+    """Write whole target rows (= whole chunks): grad [len(rows), prompt, layer, feature]. With
+    ``valid_layers`` (the rows' target layer), only layers below it are rounded; the rest is NaN."""
+    if valid_layers is not None and valid_layers < grad.shape[2]:
+        out = np.full(grad.shape, np.nan, np.float32)
+        out[:, :, :valid_layers] = _rounded(group, grad[:, :, :valid_layers])
+        grad = out
+    else:
+        grad = _rounded(group, grad)
     for i, row in enumerate(rows):
         group["grad"][row] = grad[i]
 

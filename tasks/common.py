@@ -43,15 +43,41 @@ def run_folder_artifact(run: Run, status: str) -> None:
                              description=f"where run {run.run_id} is")
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak of this process's resident memory (Linux: ``5`` to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident memory since the last ``reset_peak_rss`` (VmHWM), else since it started."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 @contextmanager
 def step(run: Run, name: str, **info):
-    """Mark a pipeline step running, then done (with its wall time) or failed in the manifest."""
+    """Mark a pipeline step running, then done (with its wall time and the process's peak resident
+    memory during it) or failed in the manifest."""
     interrupt.check()
     t0 = time.perf_counter()
     run.step(name, "running", **info)
+    reset_peak_rss()
     try:
         yield
     except BaseException as e:
-        run.step(name, "failed", error=f"{type(e).__name__}: {e}", seconds=round(time.perf_counter() - t0, 3))
+        run.step(name, "failed", error=f"{type(e).__name__}: {e}", seconds=round(time.perf_counter() - t0, 3),
+                 peak_rss_bytes=peak_rss_bytes())
         raise
-    run.step(name, "done", seconds=round(time.perf_counter() - t0, 3))
+    run.step(name, "done", seconds=round(time.perf_counter() - t0, 3), peak_rss_bytes=peak_rss_bytes())

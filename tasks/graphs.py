@@ -62,6 +62,8 @@ def attribution_graphs(cfg: Config, store_url: str, run_id: str, targets: list[d
                     run.write_json(graph_path(s), doc)
                     metadata.append(doc["metadata"])
                     slugs.setdefault(g.target.name, {})[prompt] = s
+                del state, graphs, dense  # one prompt's graphs at a time: freed before the next is computed
+                gc.collect()
         run.write_json(f"{GRAPHS_DIR}/graph-metadata.json", {"graphs": metadata})
     create_markdown_artifact(key="pathflow-graphs", markdown=graphs_md(run, metadata),
                              description=f"whole-prompt attribution graphs of run {run_id}")

@@ -170,7 +170,7 @@ def batch_pathways(cfg: Config, store_url: str, run_id: str, batch: Batch) -> di
             bj = phase_a(ctx.model, ctx.saes, prefixes, sub, ctx.n_layers, ctx.device, backoff=False)
             group = open_jacobians(run.zarr_store(JACOBIANS))
             rows = [t["index"] for t in sub.targets]
-            write_rows(group, rows, bj.grad)
+            write_rows(group, rows, bj.grad, valid_layers=batch.layer)
             writes_activation = j == 0 and group.attrs.get("activation_writer") == batch.name
             if writes_activation:  # stored once, by one batch
                 write_activation(group, bj.activation)

