@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from gc import collect as collect_garbage
+
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
@@ -63,7 +65,7 @@ def attribution_graphs(cfg: Config, store_url: str, run_id: str, targets: list[d
                     metadata.append(doc["metadata"])
                     slugs.setdefault(g.target.name, {})[prompt] = s
                 del state, graphs, dense  # one prompt's graphs at a time: freed before the next is computed
-                gc.collect()
+                collect_garbage()
         run.write_json(f"{GRAPHS_DIR}/graph-metadata.json", {"graphs": metadata})
     create_markdown_artifact(key="pathflow-graphs", markdown=graphs_md(run, metadata),
                              description=f"whole-prompt attribution graphs of run {run_id}")
