@@ -240,7 +240,10 @@ def main(argv=None) -> dict:
                     "outside_share": min(o / w for o, w in zip(outside, walls)),
                     "all_walls": walls,
                     "tokens_over_pathways": steps.get("tokens", 0) / max(1e-9, steps.get("pathways", 0))},
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+        # each step resets the kernel's peak (steps.<step>.peak_rss_bytes), so the run's peak is the largest
+        # of theirs and of what getrusage saw after the last reset
+        "peak_rss_bytes": max([resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]
+                              + [m["steps"][s].get("peak_rss_bytes") or 0 for s in STEPS if s in m["steps"]]),
         "peak_rss_bytes_per_step": {s: m["steps"][s].get("peak_rss_bytes") for s in STEPS if s in m["steps"]},
         "bytes": sizes,
         "projected_real": projection(run_dir, sizes),

@@ -44,7 +44,8 @@ def run_folder_artifact(run: Run, status: str) -> None:
 
 
 def reset_peak_rss() -> None:
-    """Start a new peak of this process's resident memory (Linux: ``5`` to /proc/self/clear_refs)."""
+    """Start a new peak of this process's resident memory (Linux: ``5`` to /proc/self/clear_refs). This
+    resets what ``getrusage``'s ``ru_maxrss`` reports too: a run's peak is the largest of its steps'."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")

@@ -59,7 +59,8 @@ def test_bench_study_at_the_study_shapes_small(tmp_path):
     assert out["features"] == out["targets_traced"] == 102
     peaks = out["peak_rss_bytes_per_step"]
     assert set(peaks) >= {"pathways", "tokens", "graphs", "integrate"}
-    assert all(0 < v <= out["peak_rss_bytes"] for v in peaks.values())
+    # a process with PyTorch and 4 SAEs of 32K × 256 (67 MB each) loaded holds far more than 100 MB
+    assert all(100 * 2**20 < v <= out["peak_rss_bytes"] for k, v in peaks.items() if k in ("pathways", "graphs"))
     shapes = json.loads(next(tmp_path.glob("bundle-*/shapes.json")).read_text())
     assert all(80 <= s["l0"] <= 120 for s in shapes["saes"].values())  # ~100 active per token
     (run_dir,) = (tmp_path / "store-102" / "0" / "runs").iterdir()
