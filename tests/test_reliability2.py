@@ -379,9 +379,9 @@ def test_a_writer_that_lost_its_lease_writes_nothing_more(tmp_path):
 
 
 def test_manifest_writes_are_compare_and_swap_on_s3(s3, monkeypatch):
-    from storage.store import Store
-
     import s3fs
+
+    from storage.store import Store
 
     for k, v in s3.items():
         monkeypatch.setenv(k, v)
