@@ -350,9 +350,8 @@ class FlatNodes:
         return self.layer < 0
 
 
-def _vec(nw: NodeWeights, r: int, state: PromptState) -> torch.Tensor:
-    """Row ``r``'s weights over ``FlatNodes`` [N], on the CPU."""
-    f = _flat(nw, r, state)
+def _vec(f: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A row from ``_flat`` as one vector over ``FlatNodes`` [N]."""
     return torch.cat([f["weight"], f["error"].flatten(), f["embedding"]])
 
 
@@ -376,13 +375,14 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
     embedding = flat.is_embedding()
     dec = output_gradients(model, saes, input_ids, [decision_output(model, bet, stop, n)])
     dec_w = node_weights(state, saes, dec)
-    dec_vec = _vec(dec_w, 0, state)
+    # every target's (and the decision's) weights over every active entry, for graphs.zarr
+    dense: dict = {"targets": [], "decision": _flat(dec_w, 0, state)}
+    dec_vec = _vec(dense["decision"])
     pending = []  # per target: what its graph needs of its candidates, for its kept nodes only
-    dense: dict = {"targets": []}  # every target's weights over every active entry, for graphs.zarr
     for chunk, (g, w) in _weights(model, saes, input_ids, state, targets, lambda t: t.output(), batch_size):
         for r, t in enumerate(chunk):
             dense["targets"].append(_flat(w, r, state))
-            vec = _vec(w, r, state)
+            vec = _vec(dense["targets"][-1])
             allowed = flat.allowed(t.layer, t.pos)
             # the candidates: active features with a weight on either output, every error and embedding
             cand = torch.nonzero(allowed & (~flat.is_feature | (vec != 0) | (dec_vec != 0))).flatten()
@@ -402,12 +402,11 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
     as_output = lambda k: Output(layer=k[1], feature=k[3], pos=k[2])  # noqa: E731
     for chunk, (_, w) in _weights(model, saes, input_ids, state, inner, as_output, batch_size):
         for r, k in enumerate(chunk):
-            into = _vec(w, r, state)[pool]
+            into = _vec(_flat(w, r, state))[pool]
             incoming[k] = {u: v for u, v in zip(pool_keys, into.tolist()) if v}
     replayed = replay_nodes(model, saes, input_ids, state, inner, targets, (bet, stop), batch_size)
     graphs = []
     decision = float(dec.value[0])
-    dense["decision"] = _flat(dec_w, 0, state)
     for t, pre, kept, _, cum, infl, w_t, w_d in pending:
         T, D = ("t",), ("D",)
         nodes = set(kept)

@@ -217,7 +217,7 @@ def _open(path: Path):
     return open(path, "rb")
 
 
-def _reject_constant(name: str):
+def reject_constant(name: str):
     # NaN/Infinity are not JSON: reject them rather than let them into the math
     raise ValueError(f"{name} is not valid JSON")
 
@@ -256,7 +256,7 @@ def read_json(path: Path, f: Findings) -> Any:
         f.error("not_utf8", f"not UTF-8 text ({e.reason} at byte {e.start})", path)
         return None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=reject_constant)
     except RecursionError:
         f.error("too_deep", "JSON nested too deeply to read", path)
         return None
@@ -493,7 +493,7 @@ def iter_entries(path: Path, f: Findings) -> Iterator[tuple[int, Any]]:
                 if not line.strip():
                     continue
                 try:
-                    yield i, json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
+                    yield i, json.loads(line.decode("utf-8"), parse_constant=reject_constant)
                 except UnicodeDecodeError as e:
                     f.error("not_utf8", f"line {i + 1} is not UTF-8 ({e.reason})", path, i)
                 except RecursionError:

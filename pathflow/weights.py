@@ -22,6 +22,7 @@ import struct
 from pathlib import Path
 
 from .errors import PathflowError
+from .readers import reject_constant
 
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 _FINITE: dict[tuple, bool] = {}  # (path, size, mtime_ns, inode) -> checked
@@ -90,7 +91,7 @@ def check_finite(path: Path) -> None:
 def _json(path: Path, what: str) -> dict:
     try:
         with open(path, encoding="utf-8") as fh:
-            data = json.load(fh, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+            data = json.load(fh, parse_constant=reject_constant)
     except FileNotFoundError:
         raise PathflowError(f"{what} {path} is missing") from None
     except (ValueError, UnicodeDecodeError) as e:
@@ -100,11 +101,6 @@ def _json(path: Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise PathflowError(f"{what} {path} is not a JSON object")
     return data
-
-
-def _shape(header: dict, name: str, path: Path) -> list[int] | None:
-    t = header.get(name)
-    return None if t is None else t["shape"]
 
 
 def check_model(folder: Path) -> dict:
@@ -172,7 +168,7 @@ def check_sae_folder(folder: Path, layer: int, d_model: int | None) -> None:
     header = read_header(weights)
     want = {"encoder.weight": [d_sae, hp_d_model], "decoder.weight": [hp_d_model, d_sae], "encoder.bias": [d_sae]}
     for name, shape in want.items():
-        got = _shape(header, name, weights)
+        got = header.get(name, {}).get("shape")
         if got is None:
             raise PathflowError(f"{weights} has no {name!r}: not a LlamaScope-format SAE")
         if got != shape:
@@ -191,9 +187,6 @@ def check_files(cfg, layers: list[int] | None = None) -> None:
     if os.path.isdir(name):
         config = check_model(Path(name))
         d_model, n_layers = config["hidden_size"], config["num_hidden_layers"]
-    elif name.startswith((".", "/", "~")):
-        raise PathflowError(f"model folder {name} not found: fix model.name_or_path (relative paths are relative to "
-                            "the config file)")
     root = cfg.sae.root
     if "{layer}" in root or not os.path.isdir(root):
         if root.startswith((".", "/", "~")) and "{layer}" not in root:

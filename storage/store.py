@@ -46,6 +46,7 @@ from pathflow.locations import (
     nearest_folder,
     redact,
 )
+from pathflow.readers import reject_constant
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,6 @@ def _precondition_failed(e: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def _checked_manifest(m: Any, where: str) -> dict:
@@ -333,7 +330,7 @@ class Run:
     def manifest(self) -> dict:
         """The manifest, checked: a truncated, non-object or field-less one is a StoreError naming it."""
         try:
-            m = json.loads(self.read_bytes(MANIFEST), parse_constant=_no_constant)
+            m = json.loads(self.read_bytes(MANIFEST), parse_constant=reject_constant)
         except FileNotFoundError:
             raise StoreError(f"run {self.run_id} has no {MANIFEST} in {redact(self.url)}") from None
         except (ValueError, UnicodeDecodeError) as e:
