@@ -27,10 +27,11 @@ output of one more batched backward — pruned to ``edge_threshold`` of the edge
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from .jacobian import target_pre
 from .model import decoder_layers, logit_difference, resid_hooks, run
 from .sae import SAE
 
@@ -51,6 +52,29 @@ class PromptState:
     emb: torch.Tensor
     acts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     err: dict[int, torch.Tensor]
+
+    _by_position: dict = field(default_factory=dict, repr=False)
+
+    def by_position(self, l: int, sae: SAE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer l's active entries in blocks of one position each, for one matmul per block (cached).
+
+        A position holds up to thousands of entries (BOS) where most hold about the mean, so a position
+        takes as many blocks of c = the mean count as it needs. Returns (block_pos [b] — each block's
+        position; dec [b, d_model, c] — column j of a block is its entry j's f·W_D[:, i]/s, zero past the
+        last; slot [m] — entry e's index in the flattened [b, c])."""
+        if l not in self._by_position:
+            pos, feat, val = self.acts[l]
+            n = len(self.ids)
+            counts = torch.bincount(pos, minlength=n)
+            c = max(1, -(-len(pos) // n))
+            blocks = -(-counts // c)  # per position
+            block_pos = torch.repeat_interleave(torch.arange(n, device=pos.device), blocks)
+            rank = torch.arange(len(pos), device=pos.device) - (torch.cumsum(counts, 0) - counts)[pos]  # sorted
+            slot = ((torch.cumsum(blocks, 0) - blocks)[pos] + rank // c) * c + rank % c
+            dec = torch.zeros(len(block_pos) * c, sae.d_model, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
+            dec[slot] = (sae.W_dec[:, feat] * (val / sae.scale)).T
+            self._by_position[l] = (block_pos, dec.view(len(block_pos), c, -1).transpose(1, 2), slot)
+        return self._by_position[l]
 
     @functools.cached_property
     def activations(self) -> dict[tuple, float]:
@@ -117,31 +141,47 @@ class Gradients:
     emb: torch.Tensor
 
 
-def output_gradients(model, saes: dict[int, SAE], input_ids: torch.Tensor, outputs: list[Output]) -> Gradients:
-    """One forward and one backward of k = len(outputs) copies of ``input_ids`` [1, n]; row r
-    differentiates ``outputs[r]``. Memory grows with k · n (the batch to halve on OOM)."""
+def output_gradients(model, saes: dict[int, SAE], input_ids: torch.Tensor, outputs: list[Output],
+                     vmap: bool = True) -> Gradients:
+    """∂y_r/∂(everything) for k = len(outputs) outputs of ``input_ids`` [1, n].
+
+    With ``vmap``, one forward of the prompt and k backwards batched by autograd's vmap
+    (``is_grads_batched``): the forward is not repeated per output. Without, the forward runs on k
+    copies of the prompt and one backward serves them all (row r differentiates ``outputs[r]``).
+    Either way the backward's memory grows with k · n (the batch to halve on OOM)."""
     k, n_layers = len(outputs), len(decoder_layers(model))
     top = max(o.layer for o in outputs)  # the highest layer any row needs
     up = list(range(min(top, n_layers)))
     capture = set(up) | {o.layer for o in outputs if not o.is_decision}
     stop_after = None if any(o.is_decision for o in outputs) else top
-    ids = input_ids.expand(k, -1)
+    # no output depends on a later position (causal mask): run only up to the last output's
+    n = input_ids.shape[1]
+    upto = max(o.pos % n for o in outputs) + 1
+    copies = 1 if vmap else k
     with torch.enable_grad(), resid_hooks(model, capture=capture | ({n_layers - 1} if stop_after is None else set()),
                                           stop_after=stop_after, grad_from_embeddings=True) as hs:
-        run(model, ids)
+        run(model, input_ids[:, :upto].expand(copies, -1))
         values = []
         for r, o in enumerate(outputs):
+            row = 0 if vmap else r
             if o.is_decision:
-                values.append(logit_difference(model, hs[n_layers - 1][r, o.pos], o.bet, o.stop))
+                values.append(logit_difference(model, hs[n_layers - 1][row, o.pos], o.bet, o.stop))
             else:
                 sae = saes[o.layer]
-                values.append(sae.pre(hs[o.layer][r, o.pos].to(sae.W_enc.dtype))[o.feature])
+                values.append(target_pre(sae, hs[o.layer][row, o.pos][None].to(sae.W_enc.dtype), [o.feature])[0])
         value = torch.stack(values)
-        # rows are independent copies: d(Σ y)/d(row r's tensors) is y_r's own gradient
-        grads = torch.autograd.grad(value.sum(), [hs["emb"], *(hs[l] for l in up)], allow_unused=True)
-    emb_g = grads[0]
-    resid = {l: (g if g is not None else torch.zeros_like(hs[l])).detach() for l, g in zip(up, grads[1:])}
-    return Gradients(outputs=list(outputs), value=value.detach().float(), resid=resid, emb=emb_g.detach())
+        wrt = [hs["emb"], *(hs[l] for l in up)]
+        if vmap:  # row r of the batched backward is seeded with output r alone: [k, 1, upto, d_model] each
+            seeds = torch.eye(k, dtype=value.dtype, device=value.device)
+            grads = [None if g is None else g[:, 0] for g in
+                     torch.autograd.grad(value, wrt, grad_outputs=seeds, is_grads_batched=True, allow_unused=True)]
+        else:  # rows are independent copies: d(Σ y)/d(row r's tensors) is y_r's own gradient
+            grads = list(torch.autograd.grad(value.sum(), wrt, allow_unused=True))
+    pad = (0, 0, 0, n - upto)  # the positions after ``upto`` get a zero gradient: [k, n, d_model] throughout
+    shape = (k, upto, hs["emb"].shape[-1])
+    emb_g, *resid_g = [torch.nn.functional.pad(g if g is not None else hs["emb"].new_zeros(shape), pad).detach()
+                       for g in grads]
+    return Gradients(outputs=list(outputs), value=value.detach().float(), resid=dict(zip(up, resid_g)), emb=emb_g)
 
 
 # -- node attributions -----------------------------------------------------------------------
@@ -173,9 +213,10 @@ def node_weights(state: PromptState, saes: dict[int, SAE], grads: Gradients) -> 
             continue  # a layer no graph on this prompt reaches
         sae = saes[l]
         g = g.to(sae.W_dec.dtype)
-        pos, feat, val = state.acts[l]
-        # (g_l[q] · W_D[:, i] / s) f  for the active (q, i) only: [k, m]
-        w = torch.einsum("kmd,dm->km", g[:, pos], sae.W_dec[:, feat]) / sae.scale * val
+        pos = state.acts[l][0]
+        # (g_l[q] · W_D[:, i] / s) f  for the active (q, i) only, one matmul per block of a position: [b, k, c] -> [k, m]
+        block_pos, dec, slot = state.by_position(l, sae)
+        w = torch.bmm(g[:, block_pos].transpose(0, 1), dec).transpose(0, 1).reshape(g.shape[0], -1)[:, slot]
         live = (layer_of[:, None] > l) & (pos[None, :] <= pos_of[:, None])
         feature[l] = torch.where(live, w, torch.zeros_like(w)).float()
         e = (g * state.err[l][None]).sum(-1)  # [k, n]
@@ -376,12 +417,12 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
     dec = output_gradients(model, saes, input_ids, [decision_output(model, bet, stop, n)])
     dec_w = node_weights(state, saes, dec)
     # every target's (and the decision's) weights over every active entry, for graphs.zarr
-    dense: dict = {"targets": [], "decision": _flat(dec_w, 0, state)}
+    dense: dict = {"targets": [], "decision": _flat_rows(dec_w, state)[0]}
     dec_vec = _vec(dense["decision"])
     pending = []  # per target: what its graph needs of its candidates, for its kept nodes only
     for chunk, (g, w) in _weights(model, saes, input_ids, state, targets, lambda t: t.output(), batch_size):
-        for r, t in enumerate(chunk):
-            dense["targets"].append(_flat(w, r, state))
+        for r, (t, row) in enumerate(zip(chunk, _flat_rows(w, state))):
+            dense["targets"].append(row)
             vec = _vec(dense["targets"][-1])
             allowed = flat.allowed(t.layer, t.pos)
             # the candidates: active features with a weight on either output, every error and embedding
@@ -395,14 +436,15 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
                             {k: float(v) for k, v in zip(kept, infl[keep])},
                             vec[kept_idx].tolist(), dec_vec[kept_idx].tolist()))
     # the incoming weights of every kept feature, each computed once, from the kept nodes only
-    inner = sorted({k for p in pending for k in p[2] if k[0] == "f"})
+    # by position, then layer: a batch's backward runs only up to its last position and layer
+    inner = sorted({k for p in pending for k in p[2] if k[0] == "f"}, key=lambda k: (k[2], k[1], k[3]))
     pool = torch.tensor(sorted({int(i) for p in pending for i in p[3]}), dtype=torch.long)
     pool_keys = [flat.key(int(i)) for i in pool]
     incoming: dict[Key, dict[Key, float]] = {}
     as_output = lambda k: Output(layer=k[1], feature=k[3], pos=k[2])  # noqa: E731
     for chunk, (_, w) in _weights(model, saes, input_ids, state, inner, as_output, batch_size):
-        for r, k in enumerate(chunk):
-            into = _vec(_flat(w, r, state))[pool]
+        for k, row in zip(chunk, _flat_rows(w, state)):
+            into = _vec(row)[pool]
             incoming[k] = {u: v for u, v in zip(pool_keys, into.tolist()) if v}
     replayed = replay_nodes(model, saes, input_ids, state, inner, targets, (bet, stop), batch_size)
     graphs = []
@@ -450,14 +492,16 @@ def _weights(model, saes, input_ids, state: PromptState, items: list, output, ba
         yield from run_with_backoff(fn, chunk)
 
 
-def _flat(nw: NodeWeights, r: int, state: PromptState) -> dict[str, torch.Tensor]:
-    """Row ``r`` over every active entry (layers in order), every error term and embedding, on the CPU."""
+def _flat_rows(nw: NodeWeights, state: PromptState) -> list[dict[str, torch.Tensor]]:
+    """Each row over every active entry (layers in order), every error term and embedding, on the CPU
+    (a layer no row reaches is zeros)."""
     layers = sorted(state.acts)
-    return {"weight": torch.cat([nw.feature[l][r].cpu() if l in nw.feature else torch.zeros(len(state.acts[l][0]))
-                                 for l in layers]),
-            "error": torch.stack([nw.error[l][r].cpu() if l in nw.error else torch.zeros(len(state.ids))
-                                  for l in layers]),
-            "embedding": nw.emb[r].cpu()}
+    k, n = nw.emb.shape
+    weight = torch.cat([nw.feature[l].cpu() if l in nw.feature else torch.zeros(k, len(state.acts[l][0]))
+                        for l in layers], 1)
+    error = torch.stack([nw.error[l].cpu() if l in nw.error else torch.zeros(k, n) for l in layers], 1)
+    emb = nw.emb.cpu()
+    return [{"weight": weight[r], "error": error[r], "embedding": emb[r]} for r in range(k)]
 
 
 def sparse_arrays(state: PromptState, dense: dict) -> dict:
@@ -535,7 +579,8 @@ def _replay_chunk(model, saes, input_ids, acts, chunk, q, prefix, targets, decis
                 out[k]["target"][t.name] = 0.0
             continue
         sae = saes[t.layer]
-        pre = sae.pre(hs[t.layer][:, t.pos - q].to(sae.W_enc.dtype))[:, t.feature].float()
+        h = hs[t.layer][:, t.pos - q].to(sae.W_enc.dtype)
+        pre = target_pre(sae, h, [t.feature] * len(h)).float()  # one column of W_enc, not all
         for r, k in enumerate(chunk, start=1):
             out[k]["target"][t.name] = float(pre[r] - pre[0]) if k[1] < t.layer else 0.0
 

@@ -260,32 +260,81 @@ def prefix_cache(model, input_ids: torch.Tensor, position: int = -1, prompt: str
     return PrefixCache(kv=kv, token=input_ids[:, p : p + 1], position=p, n_tokens=int(input_ids.shape[1]))
 
 
-def run_last(model, prefix: PrefixCache, rows: int) -> None:
-    """Forward ``rows`` copies of the token at p against the cached prefix (hooks see [rows, 1, d_model])."""
-    from transformers import DynamicCache
+# The rows share one prompt's prefix. Rather than hand transformers a cache of ``rows`` copies of it
+# (its update concatenates, copying rows × prefix keys/values in every layer), the forward runs without
+# a cache and this attention reads the prefix's keys/values once for all rows: the rows are folded
+# into the query dimension, so no tensor is ever expanded over rows.
+_PREFIX_ATTENTION = "pathflow_prefix"
 
-    # expand() is a view; the cache copies it once when it appends the new token's keys/values
-    cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
-                                         for k, v in prefix.kv])
-    pos = torch.full((rows, 1), prefix.position, device=prefix.token.device, dtype=torch.long)
+
+def _prefix_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Attention of the new tokens to [cached prefix; themselves (causal)].
+
+    query [rows, heads, q, hd]; key/value [rows, kv_heads, q, hd] (the new tokens only);
+    ``kwargs["pathflow_prefix"]``: per layer (k, v), each [1, kv_heads, p, hd]. Returns [rows, q, heads, hd].
+    """
+    pk, pv = kwargs["pathflow_prefix"][module.layer_idx]
+    rows, heads, q, hd = query.shape
+    kv = key.shape[1]
+    g = heads // kv
+    # [rows, kv, g*q, hd]: the g query heads that share a key/value head, side by side
+    qg = query.reshape(rows, kv, g * q, hd)
+    # prefix scores with the rows folded into the query dimension: [kv, rows*g*q, hd] @ [kv, hd, p]
+    qf = qg.transpose(0, 1).reshape(kv, rows * g * q, hd)
+    s_pre = torch.matmul(qf, pk[0].to(query.dtype).transpose(-1, -2)).reshape(kv, rows, g * q, -1).transpose(0, 1)
+    s_new = torch.matmul(qg, key.transpose(-1, -2))  # [rows, kv, g*q, q]
+    if q > 1:  # causal among the new tokens: query i sees new keys 0..i
+        i = torch.arange(q, device=query.device)
+        future = (i[None, :] > i[:, None]).repeat(g, 1)  # [g*q, q]
+        s_new = s_new.masked_fill(future, float("-inf"))
+    scores = torch.cat([s_pre, s_new], -1) * scaling  # [rows, kv, g*q, p+q]
+    w = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
+    p = s_pre.shape[-1]
+    w_pre, w_new = w[..., :p], w[..., p:]
+    o_pre = torch.matmul(w_pre.transpose(0, 1).reshape(kv, rows * g * q, p), pv[0].to(query.dtype))
+    out = o_pre.reshape(kv, rows, g * q, hd).transpose(0, 1) + torch.matmul(w_new, value)  # [rows, kv, g*q, hd]
+    return out.reshape(rows, heads, q, hd).transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*_args, **_kwargs):
+    return None  # _prefix_attention masks for itself
+
+
+@contextmanager
+def _attention(model, name: str):
+    """The model's attention implementation set to ``name`` for one forward (model work is serialised)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(_PREFIX_ATTENTION, _prefix_attention)
+    AttentionMaskInterface.register(_PREFIX_ATTENTION, _no_mask)
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = name
     try:
-        model.model(input_ids=prefix.token.expand(rows, 1), position_ids=pos, use_cache=True,
-                    **{_cache_kwarg(model): cache})
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def _forward_against(model, prefix: PrefixCache, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
+    """Forward ``input_ids`` [rows, q] at ``positions`` [rows, q], attending to the prefix shared by all rows."""
+    try:
+        with _attention(model, _PREFIX_ATTENTION):
+            model.model(input_ids=input_ids, position_ids=positions, use_cache=False, pathflow_prefix=prefix.kv)
     except _StopForward:
         pass
+
+
+def run_last(model, prefix: PrefixCache, rows: int) -> None:
+    """Forward ``rows`` copies of the token at p against the cached prefix (hooks see [rows, 1, d_model])."""
+    pos = torch.full((rows, 1), prefix.position, device=prefix.token.device, dtype=torch.long)
+    _forward_against(model, prefix, prefix.token.expand(rows, 1), pos)
 
 
 def run_from(model, prefix: PrefixCache, input_ids: torch.Tensor, rows: int) -> None:
     """Forward positions p.. of ``input_ids`` [1, n] as ``rows`` copies against the cached keys/values
     of [0, p) (hooks see [rows, n - p, d_model]): an edit at p reaches every later position."""
-    from transformers import DynamicCache
-
     p, n = prefix.position, input_ids.shape[1]
-    cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
-                                         for k, v in prefix.kv])
     pos = torch.arange(p, n, device=input_ids.device).expand(rows, -1)
-    try:
-        model.model(input_ids=input_ids[:, p:].expand(rows, -1), position_ids=pos, use_cache=True,
-                    **{_cache_kwarg(model): cache})
-    except _StopForward:
-        pass
+    _forward_against(model, prefix, input_ids[:, p:].expand(rows, -1), pos)

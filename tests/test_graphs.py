@@ -73,6 +73,13 @@ def test_rows_are_independent(ctx):
         for l in alone.resid:
             assert torch.allclose(together.resid[l][r], alone.resid[l][0], atol=1e-6)
         assert torch.allclose(together.emb[r], alone.emb[0], atol=1e-6)
+    # one forward and a vmapped backward (the default) against k copies of the prompt and one backward
+    copies = output_gradients(ctx.model, saes, ids, outs, vmap=False)
+    assert torch.allclose(together.value, copies.value, atol=1e-6)
+    assert torch.allclose(together.emb, copies.emb, atol=1e-6)
+    for l in copies.resid:
+        assert torch.allclose(together.resid[l], copies.resid[l], atol=1e-6)
+    assert set(together.resid) == set(copies.resid)
 
 
 def test_earlier_positions_match_spliced_autograd_and_finite_differences(ctx):

@@ -88,3 +88,48 @@ def test_edit_hook_changes_downstream_only(tiny):
     # causal mask: an edit at the last position leaves every earlier position of later layers unchanged
     assert torch.allclose(hs[1][:, :-1], base[1][:, :-1], atol=1e-6)
     assert not torch.allclose(hs[1][:, -1], base[1][:, -1], atol=1e-4)
+
+
+@pytest.mark.parametrize("p", [1, 3, 5])
+def test_rows_against_the_shared_prefix_equal_the_full_forward(tiny, p):
+    """run_last/run_from attend to one copy of the prefix for every row (no cache of rows × prefix):
+    each row, edited at p, equals the whole prompt run with that edit; gradients flow the same."""
+    from pathflow.model import prefix_cache, run_from, run_last
+
+    ids = IDS[:1]
+    prefix = prefix_cache(tiny, ids, p)
+    delta = torch.randn(3, 32) * 0.3  # one edit per row at position p, layer 0
+
+    def full(row):
+        def edit(h):
+            h = h.clone()
+            h[:, p] += delta[row]
+            return h
+        with torch.no_grad(), resid_hooks(tiny, capture={0, 1, 2}, edits={0: edit}) as hs:
+            run(tiny, ids)
+        return hs
+
+    for runner, extra in ((run_last, ()), (run_from, (ids,))):
+        def at_p(h):
+            return h + torch.nn.functional.pad(delta[:, None], (0, 0, 0, h.shape[1] - 1))
+        with torch.enable_grad(), resid_hooks(tiny, capture={0, 1, 2}, edits={0: at_p},
+                                              grad_from_embeddings=True) as hs:
+            runner(tiny, prefix, *extra, 3)
+            loss = (hs[2] ** 2).sum()
+            g_ours = torch.autograd.grad(loss, hs["emb"])[0]
+        assert tiny.config._attn_implementation != "pathflow_prefix"  # set back after the forward
+        seen = hs[2].shape[1]
+        assert seen == (1 if runner is run_last else ids.shape[1] - p)
+        for row in range(3):
+            ref = full(row)
+            for layer in (0, 1, 2):
+                assert torch.allclose(hs[layer][row], ref[layer][0, p:p + seen], atol=1e-5)
+        # against autograd through the whole prompt, with the prefix held as data
+        emb = tiny.get_input_embeddings()(ids[:, p:p + seen]).expand(3, -1, -1).clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = torch.cat([tiny.get_input_embeddings()(ids[:, :p]).expand(3, -1, -1), emb], 1)
+            with resid_hooks(tiny, capture={2}, edits={0: lambda h: h + torch.nn.functional.pad(
+                    delta[:, None], (0, 0, p, h.shape[1] - p - 1))}) as hs2:
+                tiny.model(inputs_embeds=out, use_cache=False)
+            g_ref = torch.autograd.grad((hs2[2][:, p:p + seen] ** 2).sum(), emb)[0]
+        assert torch.allclose(g_ours, g_ref, atol=1e-4, rtol=1e-4)
