@@ -214,7 +214,7 @@ def node_weights(state: PromptState, saes: dict[int, SAE], grads: Gradients) -> 
         sae = saes[l]
         g = g.to(sae.W_dec.dtype)
         pos = state.acts[l][0]
-        # (g_l[q] · W_D[:, i] / s) f  for the active (q, i) only, one matmul per block of a position: [b, k, c] -> [k, m]
+        # (g_l[q] · W_D[:, i] / s) f for the active (q, i) only, a matmul per block of a position: [b, k, c] -> [k, m]
         block_pos, dec, slot = state.by_position(l, sae)
         w = torch.bmm(g[:, block_pos].transpose(0, 1), dec).transpose(0, 1).reshape(g.shape[0], -1)[:, slot]
         live = (layer_of[:, None] > l) & (pos[None, :] <= pos_of[:, None])
