@@ -84,7 +84,10 @@ def jacobians(
     if up:
         grad = torch.stack([(g[:, -1].to(dtype) @ saes[l].W_dec) / saes[l].scale for l, g in zip(up, gs)], 1)
         with torch.no_grad():
-            act = torch.stack([saes[l].encode(hs[l][0, -1].detach().to(dtype)) for l in up])
+            for l in up:
+                if l not in prefix.activations:
+                    prefix.activations[l] = saes[l].encode(hs[l][0, -1].detach().to(dtype))
+            act = torch.stack([prefix.activations[l] for l in up])
     return TargetJacobians(
         layer=layer,
         features=list(features),

@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -231,6 +231,8 @@ class PrefixCache:
     token: torch.Tensor  # [1, 1] the token id at p
     position: int  # p
     n_tokens: int = 0  # the prompt's length (p = n_tokens - 1: the target is at the last token)
+    # SAE activations f_l at p, unedited: the same for every batch of targets, so encoded once per layer
+    activations: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 def resolve_position(position: int, seq: int, prompt: str = "the prompt") -> int:
@@ -327,8 +329,10 @@ def _forward_against(model, prefix: PrefixCache, input_ids: torch.Tensor, positi
 
 
 def run_last(model, prefix: PrefixCache, rows: int) -> None:
-    """Forward ``rows`` copies of the token at p against the cached prefix (hooks see [rows, 1, d_model])."""
-    pos = torch.full((rows, 1), prefix.position, device=prefix.token.device, dtype=torch.long)
+    """Forward ``rows`` copies of the token at p against the cached prefix (hooks see [rows, 1, d_model]).
+
+    One position id for all rows, broadcast: an edit hook may add rows on the way (replay's held rows)."""
+    pos = torch.full((1, 1), prefix.position, device=prefix.token.device, dtype=torch.long)
     _forward_against(model, prefix, prefix.token.expand(rows, 1), pos)
 
 

@@ -7,7 +7,8 @@ All candidates of a target run as rows of one batch, row 0 being the unedited ba
 only the token at p is recomputed, against the prompt's cached keys/values (``PrefixCache``):
 the layers below the candidate see the same input in every row, so the cost per candidate is
 one token through at most ``target layer + 1`` layers — or, to see the study's decision move
-(the target at the last token), through every layer, twice: with the target free and held.
+(the target at the last token), through every layer, and from the target's layer on a second
+time with the target held at its baseline (the held rows join there; below it they are the free rows).
 """
 
 from __future__ import annotations
@@ -92,23 +93,23 @@ def replay(
     deltas = edit_deltas(saes, candidates, [v for _, v in kinds])
     prefix = prefix or prefix_cache(model, input_ids, position)
     last = decision is not None and prefix.position == prefix.n_tokens - 1
-    rows = (1 + n) * (2 if last else 1)  # [free rows | held rows], row 0 of each the baseline
+    rows = 1 + n  # row 0 the unedited baseline
     sae = saes[layer]
 
     def edit_for(delta: torch.Tensor):
-        d = delta.repeat(rows // (1 + n), 1)
-        return lambda h: h + d.to(h.dtype)[:, None, :]  # h: [rows, 1, d_model], the token at p
+        return lambda h: h + delta.to(h.dtype)[:, None, :]  # h: [rows, 1, d_model], the token at p
 
     edits = {l: edit_for(d) for l, d in deltas.items()}
     top = len(decoder_layers(model)) - 1
     if last:
         direction = sae.decoder_direction(feature)
 
-        def hold(h):  # the held rows: the target's activation set back to the free baseline's
-            f = sae.gate(target_pre(sae, h[:, -1].to(sae.W_enc.dtype), [feature] * rows))
-            shift = torch.zeros_like(f)
-            shift[1 + n:] = f[0] - f[1 + n:]
-            return h + (shift[:, None] * direction).to(h.dtype)[:, None, :]
+        def hold(h):
+            """The held rows join at the target's layer (below it they equal the free rows): each free
+            row again, with the target's activation set back to the free baseline's. [rows] -> [2·rows]."""
+            f = sae.gate(target_pre(sae, h[:, -1].to(sae.W_enc.dtype), [feature] * len(h)))
+            held = h + ((f[0] - f)[:, None] * direction).to(h.dtype)[:, None, :]
+            return torch.cat([h, held])
 
         edits[layer] = hold  # upstream candidates only: nothing else edits the target's layer
     with resid_hooks(model, capture={layer} | ({top} if last else set()), edits=edits,

@@ -21,10 +21,12 @@ import torch
 from .sae import SAE
 
 
-def logit_lens(sae: SAE, feature: int, norm_weight: torch.Tensor, W_U: torch.Tensor) -> torch.Tensor:
-    """Logit-lens scores of a feature's decoder direction: -> [vocab]."""
-    d = sae.decoder_direction(feature).to(W_U.dtype)
-    return W_U @ (d * norm_weight.to(W_U.dtype))
+def logit_lens(sae: SAE, feature: int | list[int], norm_weight: torch.Tensor, W_U: torch.Tensor) -> torch.Tensor:
+    """Logit-lens scores of features' decoder directions: one feature -> [vocab]; a list -> [vocab, F]."""
+    ids = [feature] if isinstance(feature, int) else list(feature)
+    d = (sae.W_dec[:, ids] / sae.scale).to(W_U.dtype)  # [d_model, F]
+    scores = W_U @ (d * norm_weight.to(W_U.dtype)[:, None])
+    return scores[:, 0] if isinstance(feature, int) else scores
 
 
 def token_text(tokenizer, token_id: int) -> str:
@@ -34,14 +36,27 @@ def token_text(tokenizer, token_id: int) -> str:
 
 def writes(sae: SAE, feature: int, norm_weight, W_U, tokenizer, top: int = 10) -> dict:
     """Top promoted and suppressed tokens of a feature, with their logit-lens values."""
-    scores = logit_lens(sae, feature, norm_weight, W_U).float()
-    top = min(top, scores.numel())
-    hi, lo = torch.topk(scores, top), torch.topk(-scores, top)
-    fmt = lambda ids, vals: [  # noqa: E731
-        {"token_id": int(i), "token": token_text(tokenizer, int(i)), "value": float(v)} for i, v in zip(ids, vals)
-    ]
-    return {"promoted": fmt(hi.indices.tolist(), hi.values.tolist()),
-            "suppressed": fmt(lo.indices.tolist(), (-lo.values).tolist())}
+    return writes_many(sae, [feature], norm_weight, W_U, tokenizer, top)[0]
+
+
+def writes_many(sae: SAE, features: list[int], norm_weight, W_U, tokenizer, top: int = 10,
+                chunk: int = 64) -> list[dict]:
+    """``writes`` of several features of one SAE: one pass over the unembedding per ``chunk`` features
+    (a feature at a time would read all of W_U [vocab, d_model] for each)."""
+    out = []
+    for i in range(0, len(features), chunk):
+        scores = logit_lens(sae, features[i:i + chunk], norm_weight, W_U).float()  # [vocab, F]
+        k = min(top, scores.shape[0])
+        hi, lo = torch.topk(scores, k, dim=0), torch.topk(-scores, k, dim=0)
+        for col in range(scores.shape[1]):
+            out.append({"promoted": _tokens(tokenizer, hi.indices[:, col], hi.values[:, col]),
+                        "suppressed": _tokens(tokenizer, lo.indices[:, col], -lo.values[:, col])})
+    return out
+
+
+def _tokens(tokenizer, ids: torch.Tensor, values: torch.Tensor) -> list[dict]:
+    return [{"token_id": int(i), "token": token_text(tokenizer, int(i)), "value": float(v)}
+            for i, v in zip(ids.tolist(), values.tolist())]
 
 
 # -- reads: where a feature activates most ---------------------------------------------------
@@ -112,9 +127,14 @@ def feature_reads(model, saes, tokenizer, texts: list[str], features: list[tuple
     n_tokens = [0] * len(features)
     enc = [tokenizer(t).input_ids[:max_tokens] for t in texts]
     device = next(model.parameters()).device
-    for start, end in _budget_batches([len(x) for x in enc], batch_size, token_budget):
-        chunk = enc[start:end]
-        involved = sorted({j for t in range(start, end) for j in readers[t]})
+    # texts in order of the deepest layer reading them, then length: a batch runs only as deep as its
+    # readers need, and pads little
+    order = sorted(range(len(texts)), key=lambda t: (max((features[j][0] for j in readers[t]), default=-1),
+                                                     len(enc[t]), t))
+    for start, end in _budget_batches([len(enc[t]) for t in order], batch_size, token_budget):
+        which = order[start:end]  # the batch's texts, as indices into ``texts``
+        chunk = [enc[t] for t in which]
+        involved = sorted({j for t in which for j in readers[t]})
         if not involved:
             continue
         width = max(len(x) for x in chunk)
@@ -123,8 +143,8 @@ def feature_reads(model, saes, tokenizer, texts: list[str], features: list[tuple
         reads = torch.zeros(len(chunk), len(features), dtype=torch.bool)  # [b, n_features]: row read by feature
         for i, x in enumerate(chunk):
             ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), True
-            reads[i, readers[start + i]] = True
-            for j in readers[start + i]:
+            reads[i, readers[which[i]]] = True
+            for j in readers[which[i]]:
                 n_tokens[j] += len(x)
         layers = sorted({features[j][0] for j in involved})
         with resid_hooks(model, capture=set(layers), stop_after=max(layers)) as hs:
@@ -145,7 +165,7 @@ def feature_reads(model, saes, tokenizer, texts: list[str], features: list[tuple
                 for v, i in zip(vals.tolist(), flat.tolist()):
                     row, p = i // width, i % width
                     lo, hi = max(0, p - window), min(len(chunk[row]), p + window + 1)
-                    best[j].append((v, start + row, p, a[row, lo:hi].tolist()))
+                    best[j].append((v, which[row], p, a[row, lo:hi].tolist()))
     special = set(tokenizer.all_special_ids)
     out = {}
     for j, f in enumerate(features):

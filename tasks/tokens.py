@@ -11,7 +11,7 @@ from pathflow.config import Config
 from pathflow.context import get_context
 from pathflow.model import unembed
 from pathflow.study import collect_responses
-from pathflow.tokens import changes, feature_reads, reading_plan, writes
+from pathflow.tokens import changes, feature_reads, reading_plan, writes_many
 
 from .common import open_run, step
 
@@ -47,6 +47,12 @@ def token_associations(cfg: Config, store_url: str, run_id: str, features: list[
         texts, readers, views = reading_plan(prompts, samples)
         scans = feature_reads(ctx.model, ctx.saes, ctx.tokenizer, texts, keys, tc.top, tc.window,
                               batch_size=tc.batch_size, max_tokens=max_tokens, readers=readers)
+        by_layer: dict[int, list[dict]] = {}
+        for f in features:
+            by_layer.setdefault(f["layer"], []).append(f)
+        written = {f["feature"]: w for layer, fs in by_layer.items() for f, w in
+                   zip(fs, writes_many(ctx.saes[layer], [f["feature_id"] for f in fs], norm_w, W_U, ctx.tokenizer,
+                                       tc.top))}
         out = {}
         for f, key, view in zip(features, keys, views):
             name, by_cond = f["feature"], logged.get(f["feature"], {})
@@ -56,7 +62,7 @@ def token_associations(cfg: Config, store_url: str, run_id: str, features: list[
                 r["text"] = local[r["text"]]
                 r["source"] = "prompt" if r["text"] < len(prompts) else "response"
             out[name] = {
-                "writes": writes(ctx.saes[f["layer"]], f["feature_id"], norm_w, W_U, ctx.tokenizer, tc.top),
+                "writes": written[name],
                 "reads": reads,
                 "histogram": scans[key]["histogram"],
                 "changes": {f"{a}_vs_{b}": changes(ctx.tokenizer, by_cond.get(a, []), by_cond.get(b, []), tc.top,
