@@ -124,7 +124,7 @@ class SelectionConfig(_Strict):
 
 
 class GradientsConfig(_Strict):
-    batch_size: int = Field(8, ge=1, description="targets per backward; halves on out-of-memory")
+    batch_size: int = Field(32, ge=1, description="targets per backward and replay pass; halves on out-of-memory")
     position: int = Field(-1, description="token position of the target (negative counts from the end)")
     sae_budget_gb: float | None = Field(None, gt=0, le=1e6, description="memory for resident SAEs (None: keep all)")
     keepbits: int | None = Field(7, ge=1, le=23, description="mantissa bits of float32 kept in jacobians.zarr "

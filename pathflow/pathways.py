@@ -18,7 +18,7 @@ import torch
 from .batching import check_memory, chunks, peak_memory, reset_peak, run_with_backoff
 from .jacobian import jacobians
 from .model import PrefixCache
-from .replay import faithfulness, replay
+from .replay import faithfulness, replay_rows
 from .topk import top_candidates
 
 log = logging.getLogger(__name__)
@@ -146,25 +146,33 @@ def phase_c(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, candida
     """Replay every candidate of every target of the batch: {feature: {prompt: {...}}}.
 
     ``rc``: the replay config (intervention, scale, steer_value, min_sign_agreement, min_abs_change).
-    Without ``backoff``, candidates are replayed ``max_rows`` at a time (default: all at once).
+    The candidates of all the batch's targets on one prompt are rows of one forward (``replay_rows``),
+    halved on out-of-memory with ``backoff``; without it, ``max_rows`` rows at a time (default: all).
     ``decision``: (bet, stop) token ids, for each candidate's change of the decision (``replay``).
     """
-    out = {}
-    for t in batch.targets:
-        out[t["feature"]] = {}
-        for prompt, cands in candidates[t["feature"]].items():
-            def fn(sub, prompt=prompt, t=t):
-                return replay(model, saes, None, t["layer"], t["feature_id"], list(sub), scale=rc.scale,
-                              prefix=prefixes[prompt], intervention=rc.intervention, steer_value=rc.steer_value,
-                              decision=decision)
+    features = [t["feature_id"] for t in batch.targets]
+    out: dict = {t["feature"]: {} for t in batch.targets}
+    for prompt in prefixes:
+        rows = [(i, c) for i, t in enumerate(batch.targets) for c in candidates[t["feature"]].get(prompt, [])]
 
-            recs, base = [], None
-            parts = [cands] if backoff or not max_rows else list(chunks(cands, max_rows))
-            for part in parts if cands else []:
-                for _sub, (b, r) in _batched(fn, part, backoff, []):
-                    base, recs = b, recs + r
-            for r in recs:
+        def fn(sub, prompt=prompt):
+            return replay_rows(model, saes, batch.layer, features, list(sub), prefixes[prompt], scale=rc.scale,
+                               intervention=rc.intervention, steer_value=rc.steer_value, decision=decision)
+
+        recs: list[list[dict]] = [[] for _ in features]
+        base: list[float | None] = [None] * len(features)
+        parts = [rows] if backoff or not max_rows else list(chunks(rows, max_rows))
+        for part in parts if rows else []:
+            for sub, (b, r) in _batched(fn, part, backoff, []):
+                for (i, _), rec in zip(sub, r):
+                    base[i] = b[i]
+                    recs[i].append(rec)
+        for i, t in enumerate(batch.targets):
+            if prompt not in candidates[t["feature"]]:
+                continue
+            for r in recs[i]:
                 r["validated"] = bool(r["sign_agrees"] and abs(r["actual_change"]) >= rc.min_abs_change)
-            out[t["feature"]][prompt] = {"position": prefixes[prompt].position, "baseline_pre": base,
-                                         "candidates": recs, "faithfulness": faithfulness(recs, rc.min_sign_agreement)}
+            out[t["feature"]][prompt] = {"position": prefixes[prompt].position, "baseline_pre": base[i],
+                                         "candidates": recs[i],
+                                         "faithfulness": faithfulness(recs[i], rc.min_sign_agreement)}
     return out

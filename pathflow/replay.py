@@ -88,50 +88,71 @@ def replay(
     logit(stop)), ``decision_change_held`` (the same with the target held at its baseline
     activation: a second set of rows) and ``decision_share_through_target`` (1 − held/free).
     """
-    n = len(candidates)
-    kinds = [intervene(c, intervention, scale, steer_value) for c in candidates]
-    deltas = edit_deltas(saes, candidates, [v for _, v in kinds])
     prefix = prefix or prefix_cache(model, input_ids, position)
+    base, recs = replay_rows(model, saes, layer, [feature], [(0, c) for c in candidates], prefix, scale,
+                             intervention, steer_value, decision)
+    return base[0], recs
+
+
+@torch.no_grad()
+def replay_rows(model, saes, layer: int, features: list[int], rows: list[tuple[int, dict]], prefix: PrefixCache,
+                scale: float = 1.0, intervention: str = "ablate", steer_value: float = 1.0,
+                decision: tuple[int, int] | None = None) -> tuple[list[float], list[dict]]:
+    """``replay`` of the candidates of several targets of one SAE ``layer`` in one forward: ``rows`` are
+    (index into ``features``, candidate) pairs, one batch row each, after a baseline row 0 that every
+    target shares. Many small replays are one large matmul per weight instead of many small ones.
+
+    Returns (each target's baseline pre-activation [len(features)], one record per row, as ``replay``)."""
+    n = len(rows)
+    cands = [c for _, c in rows]
+    owner = [0] + [t for t, _ in rows]  # the target each batch row measures (row 0: any; it is the baseline)
+    row_feature = [features[t] for t in owner]
+    kinds = [intervene(c, intervention, scale, steer_value) for c in cands]
+    deltas = edit_deltas(saes, cands, [v for _, v in kinds])
     last = decision is not None and prefix.position == prefix.n_tokens - 1
-    rows = 1 + n  # row 0 the unedited baseline
     sae = saes[layer]
 
     def edit_for(delta: torch.Tensor):
-        return lambda h: h + delta.to(h.dtype)[:, None, :]  # h: [rows, 1, d_model], the token at p
+        return lambda h: h + delta.to(h.dtype)[:, None, :]  # h: [1+n, 1, d_model], the token at p
 
     edits = {l: edit_for(d) for l, d in deltas.items()}
     top = len(decoder_layers(model)) - 1
     if last:
-        direction = sae.decoder_direction(feature)
+        directions = torch.stack([sae.decoder_direction(f) for f in row_feature])  # [1+n, d_model]
 
         def hold(h):
             """The held rows join at the target's layer (below it they equal the free rows): each free
-            row again, with the target's activation set back to the free baseline's. [rows] -> [2·rows]."""
-            f = sae.gate(target_pre(sae, h[:, -1].to(sae.W_enc.dtype), [feature] * len(h)))
-            held = h + ((f[0] - f)[:, None] * direction).to(h.dtype)[:, None, :]
+            row again, with its target's activation set back to that target's free baseline. [1+n] -> [2(1+n)]."""
+            x = h[:, -1].to(sae.W_enc.dtype)
+            f = sae.gate(target_pre(sae, x, row_feature))
+            f0 = sae.gate(target_pre(sae, x[:1].expand_as(x), row_feature))  # row 0, each row's target
+            held = h + ((f0 - f)[:, None] * directions).to(h.dtype)[:, None, :]
             return torch.cat([h, held])
 
         edits[layer] = hold  # upstream candidates only: nothing else edits the target's layer
     with resid_hooks(model, capture={layer} | ({top} if last else set()), edits=edits,
                      stop_after=None if last else layer) as hs:
-        run_last(model, prefix, rows)
-    pre = target_pre(sae, hs[layer][: 1 + n, -1].to(sae.W_enc.dtype), [feature] * (1 + n)).float()
+        run_last(model, prefix, 1 + n)
+    x = hs[layer][: 1 + n, -1].to(sae.W_enc.dtype)
+    pre = target_pre(sae, x, row_feature).float()
     act = sae.gate(pre)
-    base_pre, base_act = float(pre[0]), float(act[0])
+    base_pre = target_pre(sae, x[:1].expand(len(features), -1), features).float()  # [k]
+    base_act = sae.gate(base_pre)
     dec = logit_difference(model, hs[top][:, -1], *decision).float() if last else None
     out = []
-    for row, (c, (kind, value)) in enumerate(zip(candidates, kinds), start=1):
+    for row, (c, (kind, value)) in enumerate(zip(cands, kinds), start=1):
+        t = owner[row]
         predicted = c["gradient"] * (value - c["activation"])  # first order: J · Δf
-        actual = float(pre[row]) - base_pre
+        actual = float(pre[row]) - float(base_pre[t])
         rec = {**c, "intervention": kind, "new_activation": value, "predicted_change": predicted,
-               "actual_change": actual, "actual_activation_change": float(act[row]) - base_act,
+               "actual_change": actual, "actual_activation_change": float(act[row]) - float(base_act[t]),
                "sign_agrees": bool(np.sign(predicted) == np.sign(actual))}
         if dec is not None:
             free, held = float(dec[row] - dec[0]), float(dec[1 + n + row] - dec[1 + n])
             rec.update(decision_change=free, decision_change_held=held,
                        decision_share_through_target=(1.0 - held / free) if abs(free) > 1e-9 else None)
         out.append(rec)
-    return base_pre, out
+    return base_pre.tolist(), out
 
 
 def faithfulness(records: list[dict], min_sign_agreement: float) -> dict:

@@ -29,10 +29,11 @@ from numcodecs import BitRound
 from zarr.codecs import BloscCodec
 
 ARRAYS = ("grad", "activation")
-# Blosc (a core Zarr v3 codec) with bit-shuffle and Zstd: after kept-bits rounding the zeroed low bits
-# line up and cost almost nothing (on the demo's gradients: 1.56 bytes a value at keepbits 7, against
-# 2.10 with plain Zstd and 3.6 lossless)
-COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=4)
+# Blosc (a core Zarr v3 codec) with bit-shuffle: after kept-bits rounding the zeroed low bits line up and
+# cost almost nothing (on the demo's gradients: 1.56 bytes a value at keepbits 7, against 2.10 with plain
+# Zstd and 3.6 lossless). After bit-shuffle, LZ4 packs as well as Zstd level 5 (a real-shape row: 1.52
+# against 1.49 bytes a value) at a quarter of the time (3 against 12 ms a row).
+COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=4)
 DIMS = {"grad": ("target", "prompt", "layer", "feature"), "activation": ("prompt", "layer", "feature")}
 
 
@@ -89,8 +90,12 @@ def write_rows(group: zarr.Group, rows: list[int], grad: np.ndarray, valid_layer
         grad = out
     else:
         grad = _rounded(group, grad)
-    for i, row in enumerate(rows):
-        group["grad"][row] = grad[i]
+    # one call, so Zarr encodes the rows' chunks concurrently; a batch's rows are usually consecutive,
+    # and a slice is Zarr's fast path
+    if list(rows) == list(range(rows[0], rows[0] + len(rows))):
+        group["grad"][rows[0]:rows[0] + len(rows)] = grad
+    else:
+        group["grad"].set_orthogonal_selection((np.asarray(rows),), grad)
 
 
 def write_activation(group: zarr.Group, activation: np.ndarray) -> None:

@@ -132,6 +132,36 @@ def test_phase_b_and_c_ablate_and_steer(ctx):
                 assert abs(c["actual_change"] - c["predicted_change"]) <= 2e-2 * abs(c["predicted_change"]) + 1e-7
 
 
+
+def test_one_forward_replays_every_target_as_each_alone(ctx):
+    """phase_c replays all the batch's targets on a prompt as rows of one forward, sharing a baseline
+    row and with the decision's held rows joining at the target layer: each record equals replaying
+    that target alone (``replay``, itself checked against full forwards), in one go or in pieces."""
+    from pathflow.replay import replay
+
+    ts = targets([(3, 12), (3, 40), (3, 77)])
+    (batch,) = plan_batches(ts, 4)
+    bj = phase_a(ctx.model, ctx.saes, ctx.prefixes(), batch, ctx.n_layers, ctx.device)
+    cands = phase_b(bj, k=5, score="attribution", min_abs_gradient=0.0)
+    dec = (18, 19)
+    together = phase_c(ctx.model, ctx.saes, ctx.prefixes(), batch, cands, ReplayConfig(), decision=dec)
+    pieces = phase_c(ctx.model, ctx.saes, ctx.prefixes(), batch, cands, ReplayConfig(), backoff=False, max_rows=4,
+                     decision=dec)
+    for t in ts:
+        for prompt, prefix in ctx.prefixes().items():
+            base, alone = replay(ctx.model, ctx.saes, None, 3, t["feature_id"], cands[t["feature"]][prompt],
+                                 prefix=prefix, decision=dec)
+            for res in (together, pieces):
+                r = res[t["feature"]][prompt]
+                assert r["baseline_pre"] == pytest.approx(base, abs=1e-5)
+                assert len(r["candidates"]) == len(alone) == 5
+                for got, want in zip(r["candidates"], alone):
+                    assert got["feature"] == want["feature"]
+                    for key in ("actual_change", "actual_activation_change", "decision_change",
+                                "decision_change_held"):
+                        assert got[key] == pytest.approx(want[key], abs=1e-5), key
+
+
 def test_sae_budget_streams_layers(demo_cfg, ctx):
     one = SAEBank.nbytes(ctx.sae(0))
     bank = SAEBank(demo_cfg.sae.root, demo_cfg.sae.pattern, demo_cfg.sae.threshold, budget_bytes=int(2.5 * one))
