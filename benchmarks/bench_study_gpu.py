@@ -1,6 +1,7 @@
 """The study's model work at the real shapes with random weights, on one device: phases A (Jacobians),
-B (top-k) and C (replay) over 1,550 targets in layers 1–31 on two prompts, and the tokens step's one-pass
-read, with 32 distinct 32K-wide SAEs in bf16 (preset llama31-8b). Prints seconds per phase, peak memory
+B (top-k) and C (replay) over 1,550 targets in layers 1–31 on two prompts, the tokens step's one-pass
+read and the graphs step's whole-prompt graphs of a few targets, with 32 distinct 32K-wide SAEs in bf16
+(preset llama31-8b). Prints seconds per phase, peak memory
 and the projected full run; JSON last.
 
     python benchmarks/bench_study_gpu.py --preset llama31-8b --budget-s 240   # a GPU (H100/H200)
@@ -31,6 +32,7 @@ from bench_pathways import PRESETS, make_model, make_sae, peak_memory, sync  # n
 
 from pathflow.config import ReplayConfig  # noqa: E402
 from pathflow.demo import _corpus, _game_prompt, _tokenizer  # noqa: E402
+from pathflow.graphs import Target, answer_id, prompt_graphs  # noqa: E402
 from pathflow.model import prefix_cache  # noqa: E402
 from pathflow.pathways import phase_a, phase_b, phase_c, plan_batches  # noqa: E402
 from pathflow.tokens import feature_reads, reading_plan  # noqa: E402
@@ -59,6 +61,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--budget-s", type=float, default=240.0, help="seconds of phases A–C before projecting")
     ap.add_argument("--token-features", type=int, default=200)
     ap.add_argument("--responses", type=int, default=64)
+    ap.add_argument("--graph-targets", type=int, default=4, help="targets whose whole-prompt graphs are timed "
+                    "(the graphs step, default config), both prompts; projected to 32 targets and to every one")
     args = ap.parse_args(argv)
     p, study = PRESETS[args.preset], STUDY[args.preset]
     device, dtype = torch.device(args.device), getattr(torch, p["dtype"])
@@ -128,6 +132,23 @@ def main(argv=None) -> dict:
     tokens_s = time.perf_counter() - tt
     tokens_projected = tokens_s * (n_targets / n_tok)
 
+    # the graphs step: whole-prompt graphs (default config) of targets from deep, middle and shallow layers
+    graphed = sorted(targets, key=lambda t: -t["layer"])[:: max(1, n_targets // max(1, args.graph_targets))]
+    graphed = graphed[: args.graph_targets]
+    bet, stop = answer_id(tok, "1", "bet"), answer_id(tok, "2", "stop")
+    sync(device)
+    tg = time.perf_counter()
+    graph_nodes = []
+    for name, v in ids.items():
+        chosen = [Target(t["feature"], t["layer"], t["feature_id"], int(v.shape[1]) - 1) for t in graphed]
+        _, graphs, _ = prompt_graphs(model, {l: saes[l] for l in range(max(t.layer for t in chosen) + 1)}, v, chosen,
+                                     bet, stop, max_nodes=200, batch_size=8)
+        graph_nodes += [len(g.nodes) for g in graphs]
+        del graphs
+    sync(device)
+    graphs_s = time.perf_counter() - tg
+    per_target = graphs_s / max(1, len(graphed))  # both prompts
+
     result = {
         "preset": args.preset,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -137,12 +158,16 @@ def main(argv=None) -> dict:
         "seconds": {"setup": setup_s, "measured": {"targets": done, "phase_a": measured["a"],
                                                    "phase_b": measured["b"], "phase_c": measured["c"],
                                                    "tokens": tokens_s, "tokens_features": n_tok,
-                                                   "tokens_texts": len(texts)},
+                                                   "tokens_texts": len(texts), "graphs": graphs_s,
+                                                   "graph_targets": len(graphed), "graph_nodes": graph_nodes},
                     "per_target_by_layer": {l: (cost[l]["a"] + cost[l]["b"] + cost[l]["c"]) / cost[l]["targets"]
                                             for l in layers if cost[l]["targets"]}},
         "projected_full_run_seconds": {"phase_a": projected["a"], "phase_b": projected["b"],
                                        "phase_c": projected["c"], "tokens": tokens_projected,
-                                       "total": sum(projected.values()) + tokens_projected},
+                                       "total": sum(projected.values()) + tokens_projected,
+                                       "graphs_per_target_both_prompts": per_target,
+                                       "graphs_32_targets": 32 * per_target,
+                                       "graphs_every_target": n_targets * per_target},
         "peak_memory_bytes": peak_memory(device),
     }
     print(json.dumps(result, indent=2))

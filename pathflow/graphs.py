@@ -525,6 +525,9 @@ def sparse_arrays(state: PromptState, dense: dict) -> dict:
 # -- replay: the judge, at every position -----------------------------------------------------
 
 
+REPLAY_ROWS_PER_OUTPUT = 4  # a replay holds no graph for a backward: 4× the rows of a backward batch per forward
+
+
 @torch.no_grad()
 def replay_nodes(model, saes: dict[int, SAE], input_ids: torch.Tensor, state: PromptState, nodes: list[Key],
                  targets: list[Target], decision: tuple[int, int], batch_size: int = 8) -> dict[Key, dict]:
@@ -533,7 +536,8 @@ def replay_nodes(model, saes: dict[int, SAE], input_ids: torch.Tensor, state: Pr
     target's pre-activation at its position and the decision at the last token.
 
     Returns {node: {"target": {name: Δpre}, "decision": Δdecision}}; a target before q or at or
-    below l cannot change (0). A batch that runs out of memory is split in halves."""
+    below l cannot change (0). Nodes at one position are replayed ``REPLAY_ROWS_PER_OUTPUT × batch_size``
+    at a time; a batch that runs out of memory is split in halves."""
     from .batching import run_with_backoff
     from .model import prefix_cache
 
@@ -547,7 +551,7 @@ def replay_nodes(model, saes: dict[int, SAE], input_ids: torch.Tensor, state: Pr
         def one(chunk, q=q, prefix=prefix):
             _replay_chunk(model, saes, input_ids, acts, chunk, q, prefix, targets, decision, top, out)
 
-        for part in _batches(at_q, batch_size):
+        for part in _batches(at_q, REPLAY_ROWS_PER_OUTPUT * batch_size):
             run_with_backoff(one, part)
     return out
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from gc import collect as collect_garbage
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
@@ -50,6 +51,7 @@ def attribution_graphs(cfg: Config, store_url: str, run_id: str, targets: list[d
             for prompt, ids in ctx.prompt_ids.items():
                 p = ctx.prefixes()[prompt].position
                 tokens = [token_text(ctx.tokenizer, int(i)) for i in ids[0]]
+                t0 = time.perf_counter()
                 state, graphs, dense = prompt_graphs(
                     ctx.model, saes, ids, [Target(t["feature"], t["layer"], t["feature_id"], p) for t in chosen],
                     bet, stop, gc.node_threshold, gc.edge_threshold, gc.max_nodes, gc.batch_size)
@@ -57,6 +59,9 @@ def attribution_graphs(cfg: Config, store_url: str, run_id: str, targets: list[d
                                    sparse_arrays(state, dense), {"position": p, "n_tokens": len(state.ids),
                                                                  "decision": label, "tokens": tokens},
                                    cfg.gradients.keepbits)
+                get_run_logger().info("graphs on %s: %d targets, %d distinct kept features, %.1f s", prompt,
+                                      len(graphs), len({k for g in graphs for k in g.nodes if k[0] == "f"}),
+                                      time.perf_counter() - t0)
                 for g in graphs:
                     s = slug(prompt, g.target.name)
                     doc = graph_json(g, state, tokens, ctx.prompts[prompt], s, scan, ctx.n_layers, vocab, label,

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_pathways.py"
 
 
@@ -24,7 +26,8 @@ def test_study_gpu_benchmark_runs_its_code_path_on_a_cpu():
     projected from each layer's cost per target."""
     script = SCRIPT.parent / "bench_study_gpu.py"
     out = subprocess.run([sys.executable, str(script), "--preset", "cpu-small", "--targets", "14", "--budget-s", "1",
-                          "--token-features", "4", "--responses", "8"], capture_output=True, text=True, timeout=600)
+                          "--token-features", "4", "--responses", "8", "--graph-targets", "2"], capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout[out.stdout.index("{"):])
     m, proj = result["seconds"]["measured"], result["projected_full_run_seconds"]
@@ -32,3 +35,7 @@ def test_study_gpu_benchmark_runs_its_code_path_on_a_cpu():
     assert set(result["seconds"]["per_target_by_layer"]) == {str(l) for l in range(1, 8)}  # every layer sampled
     assert proj["total"] == sum(proj[k] for k in ("phase_a", "phase_b", "phase_c", "tokens"))
     assert proj["phase_a"] >= m["phase_a"] * 0.99 and result["peak_memory_bytes"] > 0
+    # the graphs step: two targets' graphs on each prompt, each with nodes beyond the target and decision
+    assert m["graph_targets"] == 2 and m["graphs"] > 0 and len(m["graph_nodes"]) == 4
+    assert all(n > 2 for n in m["graph_nodes"])
+    assert proj["graphs_every_target"] == pytest.approx(14 * proj["graphs_per_target_both_prompts"])
