@@ -189,7 +189,8 @@ class GraphsConfig(_Strict):
                                   "the edge influence (circuit-tracer's default)")
     max_nodes: int = Field(200, ge=1, description="at most this many feature and error nodes per graph, the most "
                            "influential")
-    batch_size: int = Field(8, ge=1, description="outputs per batched backward over the whole prompt")
+    batch_size: int = Field(16, ge=1, description="outputs per batched backward over the whole prompt (one forward, "
+                            "a vmapped backward); replays take twice as many rows a forward")
     scan: str | None = Field(None, description="the SAE release the graphs name in circuit-tracer's 'scan' "
                              "(default: sae.root's last part and sae.pattern, e.g. "
                              "Llama-Scope/Llama3_1-8B-Base-LXR-8x)")

@@ -525,7 +525,9 @@ def sparse_arrays(state: PromptState, dense: dict) -> dict:
 # -- replay: the judge, at every position -----------------------------------------------------
 
 
-REPLAY_ROWS_PER_OUTPUT = 4  # a replay holds no graph for a backward: 4× the rows of a backward batch per forward
+# a replay keeps no graph for a backward: twice the rows of a backward batch per forward (32 by default; on
+# the real shapes' CPU run 64 were slower again, the activations no longer fitting the caches)
+REPLAY_ROWS_PER_OUTPUT = 2
 
 
 @torch.no_grad()
