@@ -139,7 +139,7 @@ def main(argv=None) -> dict:
     sync(device)
     tg = time.perf_counter()
     graph_nodes = []
-    for name, v in ids.items():
+    for v in ids.values():
         chosen = [Target(t["feature"], t["layer"], t["feature_id"], int(v.shape[1]) - 1) for t in graphed]
         _, graphs, _ = prompt_graphs(model, {l: saes[l] for l in range(max(t.layer for t in chosen) + 1)}, v, chosen,
                                      bet, stop, max_nodes=200, batch_size=8)
