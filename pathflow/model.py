@@ -9,6 +9,7 @@ handle both (``output[0]`` on a tensor would silently take batch row 0).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -302,14 +303,20 @@ def _no_mask(*_args, **_kwargs):
     return None  # _prefix_attention masks for itself
 
 
-@contextmanager
-def _attention(model, name: str):
-    """The model's attention implementation set to ``name`` for one forward (model work is serialised)."""
+@functools.cache
+def _register_prefix_attention() -> None:
+    """Make ``_prefix_attention`` known to transformers, once per process."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(_PREFIX_ATTENTION, _prefix_attention)
     AttentionMaskInterface.register(_PREFIX_ATTENTION, _no_mask)
+
+
+@contextmanager
+def _attention(model, name: str):
+    """The model's attention implementation set to ``name`` for one forward (model work is serialised)."""
+    _register_prefix_attention()
     config = model.config
     before = config._attn_implementation
     config._attn_implementation = name

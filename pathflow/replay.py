@@ -118,7 +118,7 @@ def replay_rows(model, saes, layer: int, features: list[int], rows: list[tuple[i
     edits = {l: edit_for(d) for l, d in deltas.items()}
     top = len(decoder_layers(model)) - 1
     if last:
-        directions = torch.stack([sae.decoder_direction(f) for f in row_feature])  # [1+n, d_model]
+        directions = (sae.W_dec[:, row_feature] / sae.scale).T  # each row's target's decoder direction [1+n, d_model]
 
         def hold(h):
             """The held rows join at the target's layer (below it they equal the free rows): each free
