@@ -149,6 +149,16 @@ class ReplayConfig(_Strict):
                                   "|actual change| is at least this")
 
 
+class AttributionConfig(_Strict):
+    method: Literal["gradient", "norm"] = Field(
+        "norm", description="how a node's effect is estimated before replay. gradient: activation × gradient "
+        "(first order); norm: the same, with the RMSNorms at the node's own position responding exactly to "
+        "its ablation (a feature that dominates its position's norm is not cancelled). Same backward")
+    replay_top: int = Field(50, ge=0, le=100_000, description="whole-prompt graphs: replay (ablate) the strongest "
+                            "this many features of each target and of the decision before pruning, and rank them "
+                            "by their measured change; 0: rank by the estimate alone")
+
+
 class TokensConfig(_Strict):
     top: int = Field(10, ge=1, description="tokens (and contexts) kept per view")
     window: int = Field(6, ge=0, description="tokens of context either side of an activation maximum")
@@ -238,6 +248,7 @@ class Config(_Strict):
     gradients: GradientsConfig = Field(default_factory=GradientsConfig)
     topk: TopkConfig = Field(default_factory=TopkConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    attribution: AttributionConfig = Field(default_factory=AttributionConfig)
     tokens: TokensConfig = Field(default_factory=TokensConfig)
     decision: DecisionConfig = Field(default_factory=DecisionConfig)
     graphs: GraphsConfig = Field(default_factory=GraphsConfig)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .jacobian import target_pre
-from .model import decoder_layers, logit_difference, resid_hooks, run
+from .model import capture_norm_inputs, decoder_layers, logit_difference, norm_reads, resid_hooks, rms_eps, run
 from .sae import SAE
 
 # -- one prompt's forward: what every graph on it shares ------------------------------------
@@ -46,12 +46,20 @@ class PromptState:
     emb:        [n, d_model]      token embeddings (the model's input)
     acts:       {l: (pos [m], feature [m], value [m])}   the active SAE features of layer l
     err:        {l: [n, d_model]} e_l = h_l − x̂_l
+    reads:      [R, n, d_model]   the input of every RMSNorm that reads the residual stream (``norm_reads``),
+                                  for attribution.method "norm"; None for "gradient"
+    read_layer: [R]               the decoder layer of each read (an edit of layer l reaches reads > l)
+    read_gamma: [R, d_model], read_eps: [R]   each read's scale and ε
     """
 
     ids: list[int]
     emb: torch.Tensor
     acts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     err: dict[int, torch.Tensor]
+    reads: torch.Tensor | None = None
+    read_layer: torch.Tensor | None = None
+    read_gamma: torch.Tensor | None = None
+    read_eps: torch.Tensor | None = None
 
     _by_position: dict = field(default_factory=dict, repr=False)
 
@@ -86,11 +94,14 @@ class PromptState:
 
 
 @torch.no_grad()
-def prompt_state(model, saes: dict[int, SAE], input_ids: torch.Tensor) -> PromptState:
-    """Run ``input_ids`` [1, n] once; encode every layer in ``saes`` at every position."""
+def prompt_state(model, saes: dict[int, SAE], input_ids: torch.Tensor, norms: bool = False) -> PromptState:
+    """Run ``input_ids`` [1, n] once; encode every layer in ``saes`` at every position. With ``norms``,
+    also keep every RMSNorm read's input (the whole forward runs, for the final norm)."""
     layers = sorted(saes)
     emb = model.get_input_embeddings()(input_ids)[0]
-    with resid_hooks(model, capture=set(layers), stop_after=max(layers)) as hs:
+    reads = norm_reads(model) if norms else []
+    with resid_hooks(model, capture=set(layers), stop_after=None if norms else max(layers)) as hs, \
+            capture_norm_inputs(model, reads) as xs:
         run(model, input_ids)
     acts, err = {}, {}
     for l in layers:
@@ -99,7 +110,13 @@ def prompt_state(model, saes: dict[int, SAE], input_ids: torch.Tensor) -> Prompt
         pos, feat = f.nonzero(as_tuple=True)
         acts[l] = (pos, feat, f[pos, feat])
         err[l] = h - saes[l].decode(f)
-    return PromptState(ids=input_ids[0].tolist(), emb=emb, acts=acts, err=err)
+    state = PromptState(ids=input_ids[0].tolist(), emb=emb, acts=acts, err=err)
+    if norms:
+        state.reads = torch.stack([x[0].float() for x in xs])
+        state.read_layer = torch.tensor([k for _, k in reads], device=emb.device)
+        state.read_gamma = torch.stack([m.weight.detach().float() for m, _ in reads])
+        state.read_eps = torch.tensor([rms_eps(m) for m, _ in reads], device=emb.device)
+    return state
 
 
 # -- outputs and their gradients -------------------------------------------------------------
@@ -133,22 +150,25 @@ class Gradients:
     value: [k]                 each output's value
     resid: {l: [k, n, d_model]} ∂y_r/∂h_l for the layers below the outputs
     emb:   [k, n, d_model]      ∂y_r/∂x_emb
+    reads: [k, R, n, d_model]   ∂y_r/∂(the output of each RMSNorm read), for attribution.method "norm"; else None
     """
 
     outputs: list[Output]
     value: torch.Tensor
     resid: dict[int, torch.Tensor]
     emb: torch.Tensor
+    reads: torch.Tensor | None = None
 
 
 def output_gradients(model, saes: dict[int, SAE], input_ids: torch.Tensor, outputs: list[Output],
-                     vmap: bool = True) -> Gradients:
+                     vmap: bool = True, norms: bool = False) -> Gradients:
     """∂y_r/∂(everything) for k = len(outputs) outputs of ``input_ids`` [1, n].
 
     With ``vmap``, one forward of the prompt and k backwards batched by autograd's vmap
     (``is_grads_batched``): the forward is not repeated per output. Without, the forward runs on k
     copies of the prompt and one backward serves them all (row r differentiates ``outputs[r]``).
-    Either way the backward's memory grows with k · n (the batch to halve on OOM)."""
+    Either way the backward's memory grows with k · n (the batch to halve on OOM). With ``norms``, also
+    the gradient at every RMSNorm read's output (``Gradients.reads``; zero for a read that did not run)."""
     k, n_layers = len(outputs), len(decoder_layers(model))
     top = max(o.layer for o in outputs)  # the highest layer any row needs
     up = list(range(min(top, n_layers)))
@@ -158,19 +178,25 @@ def output_gradients(model, saes: dict[int, SAE], input_ids: torch.Tensor, outpu
     n = input_ids.shape[1]
     upto = max(o.pos % n for o in outputs) + 1
     copies = 1 if vmap else k
+    reads = norm_reads(model) if norms else []
     with torch.enable_grad(), resid_hooks(model, capture=capture | ({n_layers - 1} if stop_after is None else set()),
-                                          stop_after=stop_after, grad_from_embeddings=True) as hs:
+                                          stop_after=stop_after, grad_from_embeddings=True) as hs, \
+            capture_norm_inputs(model, reads, outputs=True) as outs:
         run(model, input_ids[:, :upto].expand(copies, -1))
         values = []
         for r, o in enumerate(outputs):
             row = 0 if vmap else r
-            if o.is_decision:
+            if o.is_decision and norms and outs[-1] is not None:  # through the final norm's captured output
+                w = model.get_output_embeddings().weight
+                values.append(outs[-1][row, o.pos] @ (w[o.bet] - w[o.stop]).to(outs[-1].dtype))
+            elif o.is_decision:
                 values.append(logit_difference(model, hs[n_layers - 1][row, o.pos], o.bet, o.stop))
             else:
                 sae = saes[o.layer]
                 values.append(target_pre(sae, hs[o.layer][row, o.pos][None].to(sae.W_enc.dtype), [o.feature])[0])
         value = torch.stack(values)
-        wrt = [hs["emb"], *(hs[l] for l in up)]
+        ran = [j for j, o in enumerate(outs) if o is not None]
+        wrt = [hs["emb"], *(hs[l] for l in up), *(outs[j] for j in ran)]
         if vmap:  # row r of the batched backward is seeded with output r alone: [k, 1, upto, d_model] each
             seeds = torch.eye(k, dtype=value.dtype, device=value.device)
             grads = [None if g is None else g[:, 0] for g in
@@ -179,9 +205,16 @@ def output_gradients(model, saes: dict[int, SAE], input_ids: torch.Tensor, outpu
             grads = list(torch.autograd.grad(value.sum(), wrt, allow_unused=True))
     pad = (0, 0, 0, n - upto)  # the positions after ``upto`` get a zero gradient: [k, n, d_model] throughout
     shape = (k, upto, hs["emb"].shape[-1])
-    emb_g, *resid_g = [torch.nn.functional.pad(g if g is not None else hs["emb"].new_zeros(shape), pad).detach()
-                       for g in grads]
-    return Gradients(outputs=list(outputs), value=value.detach().float(), resid=dict(zip(up, resid_g)), emb=emb_g)
+    emb_g, *rest = [torch.nn.functional.pad(g if g is not None else hs["emb"].new_zeros(shape), pad).detach()
+                    for g in grads]
+    resid_g, read_g = rest[:len(up)], rest[len(up):]
+    read_t = None
+    if norms:  # [k, R, n, d_model], zeros for the reads above the highest output
+        read_t = hs["emb"].new_zeros((k, len(reads), n, shape[-1]), dtype=torch.float32)
+        for j, g in zip(ran, read_g):
+            read_t[:, j] = g.float()
+    return Gradients(outputs=list(outputs), value=value.detach().float(), resid=dict(zip(up, resid_g)), emb=emb_g,
+                     reads=read_t)
 
 
 # -- node attributions -----------------------------------------------------------------------
@@ -217,6 +250,9 @@ def node_weights(state: PromptState, saes: dict[int, SAE], grads: Gradients) -> 
         # (g_l[q] · W_D[:, i] / s) f for the active (q, i) only, a matmul per block of a position: [b, k, c] -> [k, m]
         block_pos, dec, slot = state.by_position(l, sae)
         w = torch.bmm(g[:, block_pos].transpose(0, 1), dec).transpose(0, 1).reshape(g.shape[0], -1)[:, slot]
+        if grads.reads is not None and state.reads is not None:  # attribution.method "norm"
+            w = w - norm_correction(state, grads.reads, l, block_pos, dec).transpose(0, 1).reshape(
+                g.shape[0], -1)[:, slot].to(w.dtype)
         live = (layer_of[:, None] > l) & (pos[None, :] <= pos_of[:, None])
         feature[l] = torch.where(live, w, torch.zeros_like(w)).float()
         e = (g * state.err[l][None]).sum(-1)  # [k, n]
@@ -224,6 +260,41 @@ def node_weights(state: PromptState, saes: dict[int, SAE], grads: Gradients) -> 
                                torch.zeros_like(e)).float()
     emb = (grads.emb * state.emb[None].to(grads.emb.dtype)).sum(-1).float()
     return NodeWeights(feature=feature, error=error, emb=emb)
+
+
+def norm_correction(state: PromptState, greads: torch.Tensor, l: int, block_pos: torch.Tensor,
+                    dec: torch.Tensor) -> torch.Tensor:
+    """What the RMSNorms at a node's own position add to the gradient's estimate of its ablation.
+
+    Ablating entry (l, q, i) adds δ = −f·W_D[:, i]/s to h_l[q]; every RMSNorm N(x) = γ ⊙ x / rms(x)
+    at position q in a layer above l reads x + δ. The gradient takes each read as linear,
+    ⟨ĝ, J δ⟩ (ĝ = ∂y/∂N's output); here each read's response is exact, ⟨ĝ, N(x + δ) − N(x)⟩, and
+    everything beyond the reads stays linear. Returns Σ_reads (exact − linear), which is added to the
+    gradient's predicted change: [b, k, c] for ``PromptState.by_position``'s blocks (``dec`` [b, d, c]
+    holds f·W_D/s = −δ). A small δ changes little (second order); a feature that dominates its
+    position's norm — where the gradient along it cancels — gets its real first effect.
+
+    With u = ⟨ĝ⊙γ, x⟩, a = ⟨ĝ⊙γ, δ⟩, r² = mean(x²) + ε, r'² = r² + Δ, Δ = (2⟨x, δ⟩ + |δ|²)/D:
+    exact − linear = a·(1/r' − 1/r) + u·(Δ²(r' + 2r) / (2r³r'(r + r')²) − |δ|²/(2Dr³)), written without
+    the cancellation of two first-order terms."""
+    js = torch.nonzero(state.read_layer > l).flatten()
+    D = state.reads.shape[-1]
+    X = state.reads[js].to(dec.dtype)  # [R', n, D]
+    h = greads[:, js].to(dec.dtype) * state.read_gamma[js][None, :, None, :].to(dec.dtype)  # [k, R', n, D]
+    k, R = h.shape[0], len(js)
+    r2 = X.pow(2).mean(-1) + state.read_eps[js][:, None].to(dec.dtype)  # [R', n]
+    u = (h * X[None]).sum(-1)  # [k, R', n]
+    b = len(block_pos)
+    xd = torch.bmm(X[:, block_pos].transpose(0, 1), dec)  # [b, R', c]  ⟨x, −δ⟩
+    hd = torch.bmm(h[:, :, block_pos].permute(2, 0, 1, 3).reshape(b, k * R, D), dec).view(b, k, R, -1)  # ⟨ĝγ, −δ⟩
+    dd = dec.pow(2).sum(1)[:, None]  # [b, 1, c]  |δ|²
+    r2b = r2[:, block_pos].T[..., None]  # [b, R', 1]
+    delta = (dd - 2 * xd) / D  # [b, R', c]
+    r, rn = r2b.sqrt(), (r2b + delta).clamp(min=1e-30).sqrt()
+    t = -delta / (r * rn * (r + rn))  # 1/r' − 1/r
+    B = delta.pow(2) * (rn + 2 * r) / (2 * r.pow(3) * rn * (r + rn).pow(2)) - dd / (2 * D * r.pow(3))
+    ub = u[:, :, block_pos].permute(2, 0, 1)[..., None]  # [b, k, R', 1]
+    return ((-hd) * t[:, None] + ub * B[:, None]).sum(2)  # [b, k, c]
 
 
 def dense_jacobian(grads: Gradients, saes: dict[int, SAE], row: int, layer: int, pos: int) -> torch.Tensor:
@@ -403,38 +474,34 @@ def _batches(items: list, size: int):
 
 def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets: list[Target], bet: int, stop: int,
                   node_threshold: float = 0.8, edge_threshold: float = 0.98, max_nodes: int | None = None,
-                  batch_size: int = 8) -> tuple[PromptState, list[Graph], dict]:
+                  batch_size: int = 8, method: str = "gradient",
+                  replay_top: int = 0) -> tuple[PromptState, list[Graph], dict]:
     """Every target's graph on one prompt ``input_ids`` [1, n]. ``saes``: every layer up to the
-    highest target's. Three batched backwards — the decision (once), the targets, then every node
-    some graph kept (each once, however many graphs share it) — and the kept nodes' replays
-    (``replay_nodes``). Also returns every target's (and the decision's) weights over all active
-    entries, unpruned, on the CPU (``sparse_arrays``)."""
-    state = prompt_state(model, saes, input_ids)
-    n = len(state.ids)
+    highest target's. The outputs' weights over every node (``output_weights``: ``method``, then the
+    ``replay_top`` strongest features of each output replayed and ranked by their measured change),
+    a graph per target pruned on them, the edges between its kept nodes (a batched backward per kept
+    feature, each once however many graphs share it) and the kept nodes' replays. Also returns every
+    target's (and the decision's) weights over all active entries, unpruned, on the CPU
+    (``sparse_arrays``)."""
+    state, flat, dec, dense, values, replayed = output_weights(model, saes, input_ids, targets, bet, stop, method,
+                                                               replay_top, batch_size)
     acts = state.activations
-    flat = FlatNodes(state)
     embedding = flat.is_embedding()
-    dec = output_gradients(model, saes, input_ids, [decision_output(model, bet, stop, n)])
-    dec_w = node_weights(state, saes, dec)
-    # every target's (and the decision's) weights over every active entry, for graphs.zarr
-    dense: dict = {"targets": [], "decision": _flat_rows(dec_w, state)[0]}
     dec_vec = _vec(dense["decision"])
     pending = []  # per target: what its graph needs of its candidates, for its kept nodes only
-    for chunk, (g, w) in _weights(model, saes, input_ids, state, targets, lambda t: t.output(), batch_size):
-        for r, (t, row) in enumerate(zip(chunk, _flat_rows(w, state))):
-            dense["targets"].append(row)
-            vec = _vec(dense["targets"][-1])
-            allowed = flat.allowed(t.layer, t.pos)
-            # the candidates: active features with a weight on either output, every error and embedding
-            cand = torch.nonzero(allowed & (~flat.is_feature | (vec != 0) | (dec_vec != 0))).flatten()
-            keep, cum, infl = select_candidates(vec[cand], dec_vec[cand], embedding[cand], node_threshold, max_nodes)
-            kept_idx = cand[keep]
-            kept = [flat.key(int(i)) for i in kept_idx]
-            named = cand[keep | embedding[cand]]  # the kept nodes and every embedding carry an influence
-            pending.append((t, float(g.value[r]), kept, kept_idx,
-                            {flat.key(int(i)): float(c) for i, c in zip(named, cum[keep | embedding[cand]])},
-                            {k: float(v) for k, v in zip(kept, infl[keep])},
-                            vec[kept_idx].tolist(), dec_vec[kept_idx].tolist()))
+    for t, pre, row in zip(targets, values, dense["targets"]):
+        vec = _vec(row)
+        allowed = flat.allowed(t.layer, t.pos)
+        # the candidates: active features with a weight on either output, every error and embedding
+        cand = torch.nonzero(allowed & (~flat.is_feature | (vec != 0) | (dec_vec != 0))).flatten()
+        keep, cum, infl = select_candidates(vec[cand], dec_vec[cand], embedding[cand], node_threshold, max_nodes)
+        kept_idx = cand[keep]
+        kept = [flat.key(int(i)) for i in kept_idx]
+        named = cand[keep | embedding[cand]]  # the kept nodes and every embedding carry an influence
+        pending.append((t, pre, kept, kept_idx,
+                        {flat.key(int(i)): float(c) for i, c in zip(named, cum[keep | embedding[cand]])},
+                        {k: float(v) for k, v in zip(kept, infl[keep])},
+                        vec[kept_idx].tolist(), dec_vec[kept_idx].tolist()))
     # the incoming weights of every kept feature, each computed once, from the kept nodes only
     # by position, then layer: a batch's backward runs only up to its last position and layer
     inner = sorted({k for p in pending for k in p[2] if k[0] == "f"}, key=lambda k: (k[2], k[1], k[3]))
@@ -446,7 +513,9 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
         for k, row in zip(chunk, _flat_rows(w, state)):
             into = _vec(row)[pool]
             incoming[k] = {u: v for u, v in zip(pool_keys, into.tolist()) if v}
-    replayed = replay_nodes(model, saes, input_ids, state, inner, targets, (bet, stop), batch_size)
+    # every kept feature is judged by replay: those the ranking did not measure yet
+    replayed.update(replay_nodes(model, saes, input_ids, state, [k for k in inner if k not in replayed], targets,
+                                 (bet, stop), batch_size))
     graphs = []
     decision = float(dec.value[0])
     for t, pre, kept, _, cum, infl, w_t, w_d in pending:
@@ -471,21 +540,69 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
         weight_of = {T: 0.5, D: 0.5, **infl}
         edges = prune_edges(edges, weight_of, edge_threshold)
         nodes, edges = drop_dangling(nodes | {T, D}, edges)
-        # the ablation's first-order prediction is −weight; replay measures the real change
-        judged = {k: {"predicted": -to_t.get(k, 0.0), "actual": replayed[k]["target"].get(t.name, 0.0),
+        # the estimate's predicted change (−weight before any replay) against the measured one
+        judged = {k: {"predicted": replayed[k].get("predicted", {}).get(t.name, -to_t.get(k, 0.0)),
+                      "actual": replayed[k]["target"].get(t.name, 0.0),
                       "decision": replayed[k]["decision"]} for k in nodes if k in replayed}
         graphs.append(Graph(target=t, nodes=nodes, edges=edges, influence=cum, activation=acts, target_pre=pre,
                             decision=decision, decision_gradient=d_grad, replay=judged))
     return state, graphs, dense
 
 
-def _weights(model, saes, input_ids, state: PromptState, items: list, output, batch_size: int):
+def output_weights(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets: list[Target], bet: int, stop: int,
+                   method: str = "gradient", replay_top: int = 0, batch_size: int = 8):
+    """Every target's and the decision's weight on every node of one prompt, the best estimate of
+    each node's real effect: ``method`` ("gradient": activation × gradient; "norm": the same with the
+    RMSNorms at the node's own position exact, ``norm_correction``), then the ``replay_top``
+    strongest features of each output (by |weight|) ablated in replay (``replay_nodes``), their
+    weight set to minus the measured change. A weight is thus −(the change of the output when the
+    node is ablated): measured where ``dense["replayed"]`` says so, estimated elsewhere.
+
+    Returns (state, FlatNodes, the decision's Gradients, dense — {"targets": [row], "decision": row,
+    "replayed": [m] bool}, the targets' values [k], the replays {node: {"target", "decision"}})."""
+    if method not in ("gradient", "norm"):
+        raise ValueError(f"attribution method {method!r}: use 'gradient' or 'norm'")
+    norms = method == "norm"
+    state = prompt_state(model, saes, input_ids, norms=norms)
+    n = len(state.ids)
+    flat = FlatNodes(state)
+    dec = output_gradients(model, saes, input_ids, [decision_output(model, bet, stop, n)], norms=norms)
+    dense: dict = {"targets": [], "decision": _flat_rows(node_weights(state, saes, dec), state)[0]}
+    values: list[float] = []
+    for chunk, (g, w) in _weights(model, saes, input_ids, state, targets, lambda t: t.output(), batch_size, norms):
+        dense["targets"].extend(_flat_rows(w, state))
+        values.extend(g.value.tolist())
+    replayed: dict[Key, dict] = {}
+    measured = torch.zeros(flat.m, dtype=torch.bool)
+    if replay_top > 0 and flat.m:
+        picks: set[int] = set()
+        for t, row in [*zip(targets, dense["targets"]), (None, dense["decision"])]:
+            score = row["weight"].abs()
+            if t is not None:  # only what the target can depend on
+                score = torch.where(flat.allowed(t.layer, t.pos)[:flat.m], score, torch.zeros_like(score))
+            top = torch.topk(score, min(replay_top, flat.m))
+            picks.update(int(i) for i, v in zip(top.indices, top.values) if v > 0)
+        idx = torch.tensor(sorted(picks), dtype=torch.long)
+        keys = [flat.key(int(i)) for i in idx]
+        replayed = replay_nodes(model, saes, input_ids, state, sorted(keys, key=lambda k: (k[2], k[1], k[3])),
+                                targets, (bet, stop), batch_size)
+        for t, row in zip(targets, dense["targets"]):
+            for k, est in zip(keys, (-row["weight"][idx]).tolist()):  # the estimate replay is judged against
+                replayed[k].setdefault("predicted", {})[t.name] = est
+            row["weight"][idx] = -torch.tensor([replayed[k]["target"].get(t.name, 0.0) for k in keys])
+        dense["decision"]["weight"][idx] = -torch.tensor([replayed[k]["decision"] for k in keys])
+        measured[idx] = True
+    dense["replayed"] = measured
+    return state, flat, dec, dense, values, replayed
+
+
+def _weights(model, saes, input_ids, state: PromptState, items: list, output, batch_size: int, norms: bool = False):
     """(sub-batch, (Gradients, NodeWeights)) of ``items`` as outputs (``output(item)``), ``batch_size``
     rows a backward; a batch that runs out of memory is split in halves, down to one row."""
     from .batching import run_with_backoff
 
     def fn(sub):
-        g = output_gradients(model, saes, input_ids, [output(x) for x in sub])
+        g = output_gradients(model, saes, input_ids, [output(x) for x in sub], norms=norms)
         return g, node_weights(state, saes, g)
 
     for chunk in _batches(items, batch_size):
@@ -519,6 +636,7 @@ def sparse_arrays(state: PromptState, dense: dict) -> dict:
         "decision_weight": dense["decision"]["weight"].numpy(),
         "decision_error": dense["decision"]["error"].numpy(),
         "decision_embedding": dense["decision"]["embedding"].numpy(),
+        "replayed": dense["replayed"].numpy(),
     }
 
 

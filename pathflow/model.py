@@ -97,6 +97,53 @@ def decoder_layers(model) -> nn.ModuleList:
     return layers
 
 
+def norm_reads(model) -> list[tuple[nn.Module, int]]:
+    """The RMSNorms that read the residual stream, in forward order, each with the decoder layer it
+    belongs to (the final norm: the layer count): ``[(input_layernorm, 0), (post_attention_layernorm, 0),
+    …, (norm, n_layers)]``. An edit to layer l's output reaches the reads of layers > l."""
+    layers = decoder_layers(model)
+    out = []
+    for k, layer in enumerate(layers):
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            norm = getattr(layer, name, None)
+            if norm is None or not hasattr(norm, "weight"):
+                raise ModelLoadError(f"{type(layer).__name__} has no {name} (an RMSNorm): attribution.method 'norm' "
+                                     "needs a LLaMA-family decoder; use 'gradient'")
+            out.append((norm, k))
+    final = getattr(getattr(model, "model", model), "norm", None)
+    if final is not None:
+        out.append((final, len(layers)))
+    return out
+
+
+@contextmanager
+def capture_norm_inputs(model, reads: list[tuple[nn.Module, int]], outputs: bool = False) -> Iterator[list]:
+    """Store each read's input [batch, seq, d_model] (detached) — or, with ``outputs``, its output as
+    computed (in the autograd graph) — in the yielded list, in ``reads``' order (None if it did not run)."""
+    store: list = [None] * len(reads)
+    handles = []
+
+    def make(j: int):
+        def hook(_mod, inp, out):
+            if out.dim() == 3:  # the forward's own call, not logit_difference's on one vector
+                store[j] = out if outputs else inp[0].detach()
+
+        return hook
+
+    try:
+        for j, (norm, _) in enumerate(reads):
+            handles.append(norm.register_forward_hook(make(j)))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def rms_eps(norm: nn.Module) -> float:
+    """An RMSNorm's ε (``variance_epsilon`` in transformers' LLaMA, ``eps`` elsewhere)."""
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
 def n_layers(model) -> int:
     return len(decoder_layers(model))
 

@@ -130,13 +130,14 @@ GRAPH_DIMS = {"weight": ("target", "node"), "error": ("target", "layer", "positi
               "embedding": ("target", "position"), "decision_weight": ("node",),
               "decision_error": ("layer", "position"), "decision_embedding": ("position",),
               "activation": ("node",), "node_layer": ("node",), "node_position": ("node",),
-              "node_feature": ("node",)}
+              "node_feature": ("node",), "replayed": ("node",)}
 
 
 def write_prompt_graph(store, prompt: str, targets: list[str], arrays: dict[str, np.ndarray],
                        attrs: dict, keepbits: int | None = None) -> zarr.Group:
     """One prompt's group of ``graphs.zarr``, written whole by the one task that computes it:
-    ``arrays`` by the names of ``GRAPH_DIMS`` (weights are activation × gradient; 0 where a
+    ``arrays`` by the names of ``GRAPH_DIMS`` (a weight is −(the output's change when the node is
+    ablated): measured by replay where ``replayed``, else the attribution method's estimate; 0 where a
     target cannot depend on a node)."""
     root = zarr.open_group(store, mode="a", zarr_format=3)
     group = root.create_group(prompt, overwrite=True)

@@ -54,10 +54,13 @@ def attribution_graphs(cfg: Config, store_url: str, run_id: str, targets: list[d
                 t0 = time.perf_counter()
                 state, graphs, dense = prompt_graphs(
                     ctx.model, saes, ids, [Target(t["feature"], t["layer"], t["feature_id"], p) for t in chosen],
-                    bet, stop, gc.node_threshold, gc.edge_threshold, gc.max_nodes, gc.batch_size)
+                    bet, stop, gc.node_threshold, gc.edge_threshold, gc.max_nodes, gc.batch_size,
+                    cfg.attribution.method, cfg.attribution.replay_top)
                 write_prompt_graph(run.zarr_store("graphs.zarr"), prompt, [t["feature"] for t in chosen],
                                    sparse_arrays(state, dense), {"position": p, "n_tokens": len(state.ids),
-                                                                 "decision": label, "tokens": tokens},
+                                                                 "decision": label, "tokens": tokens,
+                                                                 "attribution_method": cfg.attribution.method,
+                                                                 "replay_top": cfg.attribution.replay_top},
                                    cfg.gradients.keepbits)
                 get_run_logger().info("graphs on %s: %d targets, %d distinct kept features, %.1f s", prompt,
                                       len(graphs), len({k for g in graphs for k in g.nodes if k[0] == "f"}),
