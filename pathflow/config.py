@@ -145,8 +145,12 @@ class ReplayConfig(_Strict):
     scale: float = Field(1.0, gt=0.0, le=1.0, description="fraction of the activation removed by 'ablate'")
     steer_value: float = Field(1.0, ge=-1e6, le=1e6, description="activation a steered candidate is set to")
     min_sign_agreement: float = Field(0.7, ge=0.0, le=1.0, description="a target is validated at or above this")
-    min_abs_change: float = Field(0.0, ge=0.0, le=1e9, description="a candidate is validated if its sign agrees and "
-                                  "|actual change| is at least this")
+    min_abs_change: float = Field(0.0, ge=0.0, le=1e9, description="a validated candidate's |actual change| is at "
+                                  "least this (absolute; see noise_floor)")
+    noise_floor: float = Field(0.01, ge=0.0, le=1e6, description="a validated candidate's |actual change| is at least "
+                               "this fraction of the target's own |pre-activation| (smaller changes are noise)")
+    max_ratio: float = Field(3.0, ge=1.0, le=1e9, description="a validated candidate's predicted and actual change "
+                             "agree within this factor")
 
 
 class AttributionConfig(_Strict):

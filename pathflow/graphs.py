@@ -224,19 +224,21 @@ def output_gradients(model, saes: dict[int, SAE], input_ids: torch.Tensor, outpu
 class NodeWeights:
     """Activation × gradient of every node for each row of a ``Gradients``.
 
-    feature: {l: [k, m_l]}   aligned with ``PromptState.acts[l]``
-    error:   {l: [k, n]}
-    emb:     [k, n]
+    feature:  {l: [k, m_l]}   aligned with ``PromptState.acts[l]`` (with ``Gradients.reads``: the norm method's)
+    error:    {l: [k, n]}
+    emb:      [k, n]
+    gradient: {l: [k, m_l]}   activation × gradient, first order (the same as ``feature`` without reads)
     Entries a row's output cannot depend on (a layer at or above it, a later position) are 0.
     """
 
     feature: dict[int, torch.Tensor]
     error: dict[int, torch.Tensor]
     emb: torch.Tensor
+    gradient: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def node_weights(state: PromptState, saes: dict[int, SAE], grads: Gradients) -> NodeWeights:
-    feature, error = {}, {}
+    feature, error, first = {}, {}, {}
     device = grads.emb.device
     layer_of = torch.tensor([o.layer for o in grads.outputs], device=device)
     pos_of = torch.tensor([o.pos for o in grads.outputs], device=device)
@@ -250,16 +252,19 @@ def node_weights(state: PromptState, saes: dict[int, SAE], grads: Gradients) -> 
         # (g_l[q] · W_D[:, i] / s) f for the active (q, i) only, a matmul per block of a position: [b, k, c] -> [k, m]
         block_pos, dec, slot = state.by_position(l, sae)
         w = torch.bmm(g[:, block_pos].transpose(0, 1), dec).transpose(0, 1).reshape(g.shape[0], -1)[:, slot]
+        live = (layer_of[:, None] > l) & (pos[None, :] <= pos_of[:, None])
+        first[l] = torch.where(live, w, torch.zeros_like(w)).float()
         if grads.reads is not None and state.reads is not None:  # attribution.method "norm"
             w = w - norm_correction(state, grads.reads, l, block_pos, dec).transpose(0, 1).reshape(
                 g.shape[0], -1)[:, slot].to(w.dtype)
-        live = (layer_of[:, None] > l) & (pos[None, :] <= pos_of[:, None])
-        feature[l] = torch.where(live, w, torch.zeros_like(w)).float()
+            feature[l] = torch.where(live, w, torch.zeros_like(w)).float()
+        else:
+            feature[l] = first[l]
         e = (g * state.err[l][None]).sum(-1)  # [k, n]
         error[l] = torch.where((layer_of[:, None] > l) & (torch.arange(n, device=device)[None] <= pos_of[:, None]), e,
                                torch.zeros_like(e)).float()
     emb = (grads.emb * state.emb[None].to(grads.emb.dtype)).sum(-1).float()
-    return NodeWeights(feature=feature, error=error, emb=emb)
+    return NodeWeights(feature=feature, error=error, emb=emb, gradient=first)
 
 
 def norm_correction(state: PromptState, greads: torch.Tensor, l: int, block_pos: torch.Tensor,
@@ -422,6 +427,7 @@ class Graph:
     decision: float
     decision_gradient: float  # ∂decision/∂f_target at the target's position
     replay: dict | None = None  # {feature node: {"predicted", "actual", "decision"}}: each kept feature ablated
+    scores: dict | None = None  # how much it explains (``scores``): completeness, circuit-tracer's, faithfulness
 
 
 class FlatNodes:
@@ -546,7 +552,24 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
                       "decision": replayed[k]["decision"]} for k in nodes if k in replayed}
         graphs.append(Graph(target=t, nodes=nodes, edges=edges, influence=cum, activation=acts, target_pre=pre,
                             decision=decision, decision_gradient=d_grad, replay=judged))
+    _score(model, saes, input_ids, state, flat, graphs, dense, (bet, stop))
     return state, graphs, dense
+
+
+def _score(model, saes, input_ids, state: PromptState, flat: FlatNodes, graphs: list[Graph], dense: dict,
+           decision: tuple[int, int]) -> None:
+    """Each graph's ``scores``: completeness of its target's and the decision's attribution (unpruned),
+    circuit-tracer's replacement and completeness of the pruned graph, and its faithfulness."""
+    from . import scores
+
+    layers = sorted(state.acts)
+    layer_of = flat.layer[:flat.m]
+    faith = scores.faithfulness(model, saes, input_ids, state.err, graphs, decision) if graphs else []
+    dec_c = scores.completeness(dense["decision"], layer_of, layers)
+    for g, row, f in zip(graphs, dense["targets"], faith):
+        adj, layout = scores.graph_matrix(g.nodes, g.edges, len(layers), len(state.ids))
+        g.scores = {"completeness": {"target": scores.completeness(row, layer_of, layers), "decision": dec_c},
+                    "circuit_tracer": scores.circuit_tracer_scores(adj, layout), "faithfulness": f}
 
 
 def output_weights(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets: list[Target], bet: int, stop: int,
@@ -569,7 +592,7 @@ def output_weights(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets
     dec = output_gradients(model, saes, input_ids, [decision_output(model, bet, stop, n)], norms=norms)
     dense: dict = {"targets": [], "decision": _flat_rows(node_weights(state, saes, dec), state)[0]}
     values: list[float] = []
-    for chunk, (g, w) in _weights(model, saes, input_ids, state, targets, lambda t: t.output(), batch_size, norms):
+    for _, (g, w) in _weights(model, saes, input_ids, state, targets, lambda t: t.output(), batch_size, norms):
         dense["targets"].extend(_flat_rows(w, state))
         values.extend(g.value.tolist())
     replayed: dict[Key, dict] = {}
@@ -586,6 +609,8 @@ def output_weights(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets
         keys = [flat.key(int(i)) for i in idx]
         replayed = replay_nodes(model, saes, input_ids, state, sorted(keys, key=lambda k: (k[2], k[1], k[3])),
                                 targets, (bet, stop), batch_size)
+        for row in [*dense["targets"], dense["decision"]]:  # "gradient" keeps the first-order weights
+            row["weight"] = row["weight"].clone()
         for t, row in zip(targets, dense["targets"]):
             for k, est in zip(keys, (-row["weight"][idx]).tolist()):  # the estimate replay is judged against
                 replayed[k].setdefault("predicted", {})[t.name] = est
@@ -616,9 +641,13 @@ def _flat_rows(nw: NodeWeights, state: PromptState) -> list[dict[str, torch.Tens
     k, n = nw.emb.shape
     weight = torch.cat([nw.feature[l].cpu() if l in nw.feature else torch.zeros(k, len(state.acts[l][0]))
                         for l in layers], 1)
+    # the first-order weights apart only where the method changed them
+    grad = weight if nw.gradient is nw.feature or all(nw.gradient[l] is nw.feature[l] for l in nw.feature) else \
+        torch.cat([nw.gradient[l].cpu() if l in nw.gradient else torch.zeros(k, len(state.acts[l][0]))
+                   for l in layers], 1)
     error = torch.stack([nw.error[l].cpu() if l in nw.error else torch.zeros(k, n) for l in layers], 1)
     emb = nw.emb.cpu()
-    return [{"weight": weight[r], "error": error[r], "embedding": emb[r]} for r in range(k)]
+    return [{"weight": weight[r], "gradient": grad[r], "error": error[r], "embedding": emb[r]} for r in range(k)]
 
 
 def sparse_arrays(state: PromptState, dense: dict) -> dict:
@@ -631,6 +660,7 @@ def sparse_arrays(state: PromptState, dense: dict) -> dict:
         "node_feature": torch.cat([state.acts[l][1] for l in layers]).int().cpu().numpy(),
         "activation": torch.cat([state.acts[l][2] for l in layers]).float().cpu().numpy(),
         "weight": torch.stack([r["weight"] for r in rows]).numpy(),
+        "gradient": torch.stack([r["gradient"] for r in rows]).numpy(),
         "error": torch.stack([r["error"] for r in rows]).numpy(),
         "embedding": torch.stack([r["embedding"] for r in rows]).numpy(),
         "decision_weight": dense["decision"]["weight"].numpy(),
@@ -719,10 +749,16 @@ def cantor(layer: int, feature: int) -> int:
 
 def graph_json(g: Graph, state: PromptState, tokens: list[str], prompt_text: str, slug: str, scan: str,
                n_layers: int, vocab_size: int, decision_label: str, node_threshold: float,
-               info: dict | None = None) -> dict:
+               info: dict | None = None, rc=None) -> dict:
     """``g`` in the JSON circuit-tracer 0.5.0 writes (``frontend/graph_models.Model``): its node ids,
-    Cantor-paired ``feature``, cumulative ``influence``, link weight activation × gradient (pathflow's
-    ``attribution``, its negative, kept beside it), embedding/error/logit nodes, the prompt as given."""
+    Cantor-paired ``feature``, cumulative ``influence``, link weight (−the output's change when the
+    source is ablated: replayed where measured, else the attribution estimate; pathflow's
+    ``attribution``, its negative, kept beside it), embedding/error/logit nodes, the prompt as given.
+    ``rc``: the replay config whose checks (``replay.judge``) each replayed node reports."""
+    from .config import ReplayConfig
+    from .replay import judge, validated_sentence
+
+    rc = rc or ReplayConfig()
     t = g.target
     last = len(state.ids) - 1
     logit_id = f"{n_layers + 1}_{vocab_size}_{last}"
@@ -738,10 +774,10 @@ def graph_json(g: Graph, state: PromptState, tokens: list[str], prompt_text: str
             clerp = f"{name} (target: pre-activation {g.target_pre:+.3g})" if k[0] == "t" else name
             extra = {}
             if judged:
-                agrees = bool(judged["predicted"] * judged["actual"] > 0)
-                clerp += f" · replayed Δ{judged['actual']:+.3g} {'✓' if agrees else '✗'}"
+                checks = judge(judged["predicted"], judged["actual"], g.target_pre, rc)
+                clerp += f" · replayed Δ{judged['actual']:+.3g} {'✓' if checks['validated'] else '✗'}"
                 extra = {"predicted_change": judged["predicted"], "replayed_change": judged["actual"],
-                         "replayed_decision_change": judged["decision"], "validated": agrees}
+                         "replayed_decision_change": judged["decision"], **checks}
             return {**base, "node_id": f"{layer}_{fid}_{pos}", "feature": cantor(layer, fid), "layer": str(layer),
                     "ctx_idx": pos, "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{fid}-0",
                     "clerp": clerp, "influence": 0.0 if k[0] == "t" else base["influence"],
@@ -770,7 +806,8 @@ def graph_json(g: Graph, state: PromptState, tokens: list[str], prompt_text: str
                      # the page's graph list shows "{title_prefix} {scan} — {prompt}": say whose graph it is
                      "title_prefix": f"{t.name} on {(info or {}).get('prompt_name', '')}:".replace(" on :", ":"),
                      "info": {"generator": "pathflow", "target": t.name, "position": t.pos,
-                              "replay": _replay_summary(g),
+                              "replay": _replay_summary(g, rc), "validated_means": validated_sentence(rc),
+                              "scores": g.scores,
                               "decision": decision_label, "decision_value": g.decision,
                               "decision_gradient": g.decision_gradient, **(info or {})}},
         "qParams": {"pinnedIds": [target_id, logit_id], "supernodes": [], "linkType": "both", "clickedId": target_id,
@@ -780,11 +817,17 @@ def graph_json(g: Graph, state: PromptState, tokens: list[str], prompt_text: str
     }
 
 
-def _replay_summary(g: Graph) -> dict:
-    """How replay judged the graph's kept features: how many, and the share whose sign agrees."""
+def _replay_summary(g: Graph, rc) -> dict:
+    """How replay judged the graph's kept features: how many, the share whose sign agrees, and how many
+    pass each of ``replay.judge``'s checks."""
+    from .replay import judge
+
     judged = [j for j in (g.replay or {}).values() if j["predicted"]]
-    agree = [j["predicted"] * j["actual"] > 0 for j in judged]
-    return {"n_replayed": len(judged), "sign_agreement": sum(agree) / len(agree) if agree else None}
+    checks = [judge(j["predicted"], j["actual"], g.target_pre, rc) for j in judged]
+    agree = [c["sign_agrees"] for c in checks]
+    return {"n_replayed": len(judged), "sign_agreement": sum(agree) / len(agree) if agree else None,
+            **{f"n_{k}": sum(c[k] for c in checks) for k in ("sign_agrees", "above_noise", "magnitude_agrees",
+                                                              "validated")}}
 
 
 def _order(k: Key) -> tuple:

@@ -41,6 +41,7 @@ def summary_rows(records: list[dict]) -> list[dict]:
             rows.append({
                 "feature": r["feature"], "direction": r["direction"], "prompt": prompt,
                 "n_candidates": faith["n_candidates"], "n_validated": len(r["pathways"][prompt]),
+                **{k: faith.get(k) for k in ("n_sign_agrees", "n_above_noise", "n_magnitude_agrees")},
                 "sign_agreement": faith["sign_agreement"], "pearson": faith["pearson"],
                 "spearman": faith["spearman"], "validated": faith["validated"],
                 "top_upstream": top["feature"] if top else "",
@@ -84,8 +85,12 @@ def report_md(records: list[dict], run_id: str) -> str:
                   f"(rank {r['selection']['rank']} in layer {r['layer']}).", ""]
         for prompt, faith in r["faithfulness"].items():
             at = r.get("positions", {}).get(prompt)
+            checks = ", ".join(f"{faith[f'n_{k}']} {label}" for k, label in (
+                ("sign_agrees", "signs agree"), ("above_noise", "above the noise floor"),
+                ("magnitude_agrees", "within the factor"), ("validated", "validated")) if f"n_{k}" in faith)
             lines += [f"### prompt `{prompt}` at token {at}: sign agreement {_fmt(faith['sign_agreement'])}, "
                       f"Pearson {_fmt(faith['pearson'])}, Spearman {_fmt(faith['spearman'])}", "",
+                      *([f"Of {faith['n_candidates']} candidates replayed: {checks}.", ""] if checks else []),
                       "| upstream | attribution | predicted Δpre | actual Δpre |", "|---|---|---|---|"]
             for c in r["pathways"][prompt][:10]:
                 lines.append(f"| {c['feature']} | {_fmt(c['attribution'])} | {_fmt(c['predicted_change'])} "

@@ -18,7 +18,7 @@ import torch
 from .batching import check_memory, chunks, peak_memory, reset_peak, run_with_backoff
 from .jacobian import jacobians
 from .model import PrefixCache
-from .replay import faithfulness, replay_rows
+from .replay import faithfulness, judge, replay_rows
 from .topk import top_candidates
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def phase_c(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, candida
             backoff: bool = True, max_rows: int | None = None, decision: tuple[int, int] | None = None) -> dict:
     """Replay every candidate of every target of the batch: {feature: {prompt: {...}}}.
 
-    ``rc``: the replay config (intervention, scale, steer_value, min_sign_agreement, min_abs_change).
+    ``rc``: the replay config (intervention, scale, steer_value, min_sign_agreement and ``judge``'s checks).
     The candidates of all the batch's targets on one prompt are rows of one forward (``replay_rows``),
     halved on out-of-memory with ``backoff``; without it, ``max_rows`` rows at a time (default: all).
     ``decision``: (bet, stop) token ids, for each candidate's change of the decision (``replay``).
@@ -171,7 +171,7 @@ def phase_c(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, candida
             if prompt not in candidates[t["feature"]]:
                 continue
             for r in recs[i]:
-                r["validated"] = bool(r["sign_agrees"] and abs(r["actual_change"]) >= rc.min_abs_change)
+                r.update(judge(r["predicted_change"], r["actual_change"], base[i], rc))
             out[t["feature"]][prompt] = {"position": prefixes[prompt].position, "baseline_pre": base[i],
                                          "candidates": recs[i],
                                          "faithfulness": faithfulness(recs[i], rc.min_sign_agreement)}

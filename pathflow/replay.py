@@ -155,13 +155,39 @@ def replay_rows(model, saes, layer: int, features: list[int], rows: list[tuple[i
     return base_pre.tolist(), out
 
 
+VALIDATED = ("validated: the replayed change agrees in sign with the prediction, is at least {noise:.0%} of the "
+             "target's own value, and is within a factor {factor:g} of the prediction")
+
+
+def judge(predicted: float, actual: float, baseline: float, rc) -> dict:
+    """Replay's three checks of one prediction, and ``validated`` when all hold.
+
+    sign_agrees: predicted and actual change have the same sign;
+    above_noise: |actual| ≥ rc.noise_floor · |the target's baseline value| (and ≥ rc.min_abs_change);
+    magnitude_agrees: |predicted| and |actual| within a factor rc.max_ratio of each other."""
+    sign = bool(np.sign(predicted) == np.sign(actual) and actual != 0)
+    noise = bool(abs(actual) >= max(rc.noise_floor * abs(baseline), rc.min_abs_change) and actual != 0)
+    lo, hi = sorted((abs(predicted), abs(actual)))
+    factor = bool(lo > 0 and hi <= rc.max_ratio * lo)
+    return {"sign_agrees": sign, "above_noise": noise, "magnitude_agrees": factor,
+            "validated": sign and noise and factor}
+
+
+def validated_sentence(rc) -> str:
+    """What 'validated' means under the replay config ``rc``, in one sentence."""
+    return VALIDATED.format(noise=rc.noise_floor, factor=rc.max_ratio) + "."
+
+
 def faithfulness(records: list[dict], min_sign_agreement: float) -> dict:
-    """Per-target agreement of predicted vs actual change over its candidates."""
+    """Per-target agreement of predicted vs actual change over its candidates, and how many pass each of
+    replay's checks (``judge``)."""
     pred = [r["predicted_change"] for r in records]
     act = [r["actual_change"] for r in records]
     agree = float(np.mean([r["sign_agrees"] for r in records])) if records else None
     return {
         "n_candidates": len(records),
+        **{f"n_{k}": sum(bool(r.get(k)) for r in records)
+           for k in ("sign_agrees", "above_noise", "magnitude_agrees", "validated")},
         "pearson": pearson(pred, act),
         "spearman": spearman(pred, act),
         "sign_agreement": agree,

@@ -266,7 +266,7 @@ def feature_url(template: str | None, r: dict) -> str | None:
 
 
 def feature_page(r: dict, run_id: str, neuronpedia_url: str | None = None, traced: set[str] | None = None,
-                 graphs: dict[str, dict] | None = None) -> str:
+                 graphs: dict[str, dict] | None = None, validated_means: str = "") -> str:
     """One feature's self-contained page. r: an integrated record (``feature_record``); graphs: its
     whole-prompt graphs by prompt (circuit-tracer's JSON), drawn where given."""
     t = r.get("tokens") or {}
@@ -289,7 +289,7 @@ def feature_page(r: dict, run_id: str, neuronpedia_url: str | None = None, trace
         r=r, run_id=run_id, prompts=prompts, reads=reads, top_read=top_read, colour=activation_colour,
         histogram=histogram_view(t.get("histogram")), writes=t.get("writes"), changes=changes, study=study,
         scatter=scatter_view(_points(r)), effect=effect, traced=traced or set(),
-        neuronpedia=feature_url(neuronpedia_url, r))
+        neuronpedia=feature_url(neuronpedia_url, r), validated_means=validated_means)
 
 
 def index_rows(records: list[dict]) -> tuple[list[str], list[dict]]:
@@ -304,6 +304,7 @@ def index_rows(records: list[dict]) -> tuple[list[str], list[dict]]:
             "feature": r["feature"], "layer": r["layer"], "direction": r["direction"],
             "rank_key": r["selection"]["rank_key"], "rank_value": r["selection"]["rank_value"],
             "per_prompt": {p: {"n_validated": len(r["pathways"][p]), "n_candidates": f["n_candidates"],
+                               **{k: f.get(k) for k in ("n_sign_agrees", "n_above_noise", "n_magnitude_agrees")},
                                "sign_agreement": f["sign_agreement"], "spearman": f["spearman"],
                                "validated": f["validated"]} for p, f in r["faithfulness"].items()},
             "validated": all(f["validated"] for f in r["faithfulness"].values()),
@@ -314,7 +315,7 @@ def index_rows(records: list[dict]) -> tuple[list[str], list[dict]]:
     return prompts, rows
 
 
-def index_page(records: list[dict], run_id: str) -> str:
+def index_page(records: list[dict], run_id: str, validated_means: str = "") -> str:
     """The run's index: summary pictures and a table of every traced feature, linking to its page."""
     points = [p for r in records for p in _points(r)]
     by_layer: dict[int, int] = {}
@@ -325,17 +326,22 @@ def index_page(records: list[dict], run_id: str) -> str:
     return _env().get_template("index.html.j2").render(
         run_id=run_id, rows=rows, prompts=prompts, n_points=len(points), agree=agree,
         bars=bars_view(by_layer), scatter=scatter_view(points),
-        rank_key=rows[0]["rank_key"] if rows else "rank")
+        rank_key=rows[0]["rank_key"] if rows else "rank", validated_means=validated_means)
 
 
 def report_pages(records: list[dict], run_id: str, neuronpedia_url: str | None = None,
-                 graph=lambda slug: None) -> dict[str, str]:
+                 graph=lambda slug: None, validated_means: str | None = None) -> dict[str, str]:
     """Every page of a run's report, by path under ``integrated/``. ``graph(slug)``: a whole-prompt
-    graph's JSON (read one at a time, so a study's graphs are never all in memory)."""
+    graph's JSON (read one at a time, so a study's graphs are never all in memory); ``validated_means``:
+    the replay config's one sentence (``replay.validated_sentence``)."""
+    from .config import ReplayConfig
+    from .replay import validated_sentence
+
+    means = validated_means or validated_sentence(ReplayConfig())
     traced = {r["feature"] for r in records}
-    pages = {"report.html": index_page(records, run_id)}
+    pages = {"report.html": index_page(records, run_id, means)}
     for r in records:
         docs = {prompt: graph(slug) for prompt, slug in (r.get("graphs") or {}).items()}
         pages[f"features/{r['feature']}.html"] = feature_page(r, run_id, neuronpedia_url, traced,
-                                                              {k: v for k, v in docs.items() if v})
+                                                              {k: v for k, v in docs.items() if v}, means)
     return pages

@@ -126,7 +126,7 @@ def attribution(group: zarr.Group, rows=slice(None)) -> np.ndarray:
 # Dense over positions this would be ~120× jacobians.zarr; only the entries active on the prompt are kept,
 # with their (layer, position, feature) as coordinates of a ``node`` dimension.
 
-GRAPH_DIMS = {"weight": ("target", "node"), "error": ("target", "layer", "position"),
+GRAPH_DIMS = {"weight": ("target", "node"), "gradient": ("target", "node"), "error": ("target", "layer", "position"),
               "embedding": ("target", "position"), "decision_weight": ("node",),
               "decision_error": ("layer", "position"), "decision_embedding": ("position",),
               "activation": ("node",), "node_layer": ("node",), "node_position": ("node",),
@@ -155,8 +155,10 @@ def write_prompt_graph(store, prompt: str, targets: list[str], arrays: dict[str,
 
 
 def node_attribution(group: zarr.Group, target: str, layer: int, position: int) -> dict[int, float]:
-    """pathflow's attribution (−activation × gradient) of ``target`` from every active feature of
-    ``layer`` at ``position``: {feature id: attribution}."""
+    """pathflow's first-order attribution (−activation × gradient, as step 3's) of ``target`` from every
+    active feature of ``layer`` at ``position``: {feature id: attribution}. (``weight`` holds the
+    attribution method's best estimate, measured where ``replayed``.)"""
     row = list(group.attrs["targets"]).index(target)
     sel = (group["node_layer"][:] == layer) & (group["node_position"][:] == position)
-    return {int(f): -float(w) for f, w in zip(group["node_feature"][:][sel], group["weight"][row][sel])}
+    name = "gradient" if "gradient" in group else "weight"
+    return {int(f): -float(w) for f, w in zip(group["node_feature"][:][sel], group[name][row][sel])}

@@ -68,7 +68,8 @@ def attribution_graphs(cfg: Config, store_url: str, run_id: str, targets: list[d
                 for g in graphs:
                     s = slug(prompt, g.target.name)
                     doc = graph_json(g, state, tokens, ctx.prompts[prompt], s, scan, ctx.n_layers, vocab, label,
-                                     gc.node_threshold, info={"run_id": run_id, "prompt_name": prompt})
+                                     gc.node_threshold, info={"run_id": run_id, "prompt_name": prompt},
+                                     rc=cfg.replay)
                     run.write_json(graph_path(s), doc)
                     metadata.append(doc["metadata"])
                     slugs.setdefault(g.target.name, {})[prompt] = s
@@ -85,11 +86,14 @@ def graphs_md(run, metadata: list[dict], shown: int = 20) -> str:
     lines = [f"# {len(metadata)} whole-prompt attribution graphs", "",
              f"In circuit-tracer's viewer: `pathflow graphs {run.run_id} --store {run.store.url}`; the files are "
              f"`{run.url}/{GRAPHS_DIR}/` (circuit-tracer 0.5.0's format).", "",
-             "| graph | target | nodes replayed | sign agreement | decision |", "|---|---|---|---|---|"]
+             "Kept features are replayed: " + (metadata[0]["info"].get("validated_means", "") if metadata else ""), "",
+             "| graph | target | features replayed | signs agree | above noise | within factor | validated | "
+             "prompt's decision (baseline) |", "|---|---|---|---|---|---|---|---|"]
     for m in metadata[:shown]:
         info, rp = m["info"], m["info"].get("replay") or {}
-        agree = "–" if rp.get("sign_agreement") is None else f"{rp['sign_agreement']:.2f}"
-        lines.append(f"| {m['slug']} | {info['target']} | {rp.get('n_replayed', 0)} | {agree} | "
+        counts = " | ".join(str(rp.get(f"n_{k}", "–")) for k in ("sign_agrees", "above_noise", "magnitude_agrees",
+                                                                   "validated"))
+        lines.append(f"| {m['slug']} | {info['target']} | {rp.get('n_replayed', 0)} | {counts} | "
                      f"{info['decision_value']:+.3f} |")
     if len(metadata) > shown:
         lines.append(f"\n… and {len(metadata) - shown} more in `graph-metadata.json`.")

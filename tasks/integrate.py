@@ -9,14 +9,15 @@ from prefect.cache_policies import NONE
 from pathflow.config import Config
 from pathflow.graphs import graph_path
 from pathflow.integrate import feature_record, report_md, summary_rows, to_csv
+from pathflow.replay import validated_sentence
 from pathflow.report import report_pages
 
 from .common import browse_url, open_run, step
 
 TABLE_ROWS = 50  # the UI's table stays readable; integrated/summary.csv has every row
 REPORT_FEATURES = 20  # features in the markdown artifact; integrated/report.md and the report pages have all
-TABLE_COLUMNS = ("feature", "direction", "prompt", "n_validated", "n_candidates", "sign_agreement", "spearman",
-                 "top_upstream")
+TABLE_COLUMNS = ("feature", "direction", "prompt", "n_validated", "n_sign_agrees", "n_above_noise",
+                 "n_magnitude_agrees", "n_candidates", "sign_agreement", "spearman", "top_upstream")
 
 
 def table_rows(rows: list[dict], limit: int) -> list[dict]:
@@ -49,10 +50,11 @@ def integrate_features(cfg: Config, store_url: str, run_id: str, targets: list[d
         md = report_md(records, run_id)
         run.write_text("integrated/report.md", md)
         for path, page in report_pages(records, run_id, cfg.report.neuronpedia_url,
-                                       lambda slug: run.read_json(graph_path(slug))).items():
+                                       lambda slug: run.read_json(graph_path(slug)),
+                                       validated_sentence(cfg.replay)).items():
             run.write_text(f"integrated/{path}", page)
     create_table_artifact(key="pathflow-pathways", table=table_rows(rows, TABLE_ROWS),
-                          description=table_description(run, len(rows)))
+                          description=table_description(run, len(rows)) + ". " + validated_sentence(cfg.replay))
     shown = md if len(records) <= REPORT_FEATURES else (
         report_md(records[:REPORT_FEATURES], run_id) + f"\n… and {len(records) - REPORT_FEATURES} more features: "
         f"`{run.url}/integrated/report.md`, and the report at `{run.url}/integrated/report.html`.\n")

@@ -28,6 +28,7 @@ from pathflow.errors import PathflowError
 from pathflow.graphs import decision_ids
 from pathflow.pathways import Batch, activation_writer, phase_a, phase_b, phase_c
 from pathflow.preflight import prompt_positions
+from pathflow.replay import validated_sentence
 from pathflow.study import load_prompts, model_layers, sae_width
 from storage.arrays import chunk_keys, create_jacobians, open_jacobians, write_activation, write_rows
 
@@ -206,7 +207,8 @@ def merge_pathways(cfg: Config, store_url: str, run_id: str, results: list[dict]
     positions = prompt_positions(cfg)  # the token each prompt's targets and candidates sit at
     run.write_json("pathways/candidates.json", {"topk": cfg.topk.model_dump(), "positions": positions,
                                                 "targets": cands})
-    run.write_json("pathways/validated_pathways.json", {"replay": cfg.replay.model_dump(), "positions": positions,
-                                                        "targets": validated})
+    run.write_json("pathways/validated_pathways.json", {"replay": cfg.replay.model_dump(),
+                                                        "validated_means": validated_sentence(cfg.replay),
+                                                        "positions": positions, "targets": validated})
     run.write_json("pathways/batches.json", {"batches": [r["marker"] for r in results]})
     return validated

@@ -10,8 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from pathflow.graphs import FlatNodes, Output, Target, node_weights, output_gradients, output_weights, prompt_graphs, \
-    prompt_state
+from pathflow.graphs import (
+    FlatNodes,
+    Output,
+    Target,
+    node_weights,
+    output_gradients,
+    output_weights,
+    prompt_graphs,
+    prompt_state,
+)
 from pathflow.model import norm_reads
 
 from .conftest import clean_env

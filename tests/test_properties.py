@@ -32,7 +32,9 @@ SECTIONS = {
     "selection": ["top_per_layer", "rank_by", "layers", "direction", "include"],
     "gradients": ["batch_size", "position", "sae_budget_gb"],
     "topk": ["k", "score", "min_abs_gradient"],
-    "replay": ["intervention", "scale", "steer_value", "min_sign_agreement", "min_abs_change"],
+    "replay": ["intervention", "scale", "steer_value", "min_sign_agreement", "min_abs_change", "noise_floor",
+               "max_ratio"],
+    "attribution": ["method", "replay_top"],
     "tokens": ["top", "window", "responses", "alpha0", "contrasts"],
     "store": ["url"],
 }

@@ -350,7 +350,8 @@ def test_prefect_table_at_study_size_is_readable(tmp_path):
     from tasks.integrate import TABLE_COLUMNS, TABLE_ROWS, table_description, table_rows
 
     rows = [{"feature": f"L{1 + i // 1024}-{i % 1024}", "direction": "risky", "prompt": "safe", "n_validated": 3,
-             "n_candidates": 25, "sign_agreement": 0.9990456001341972, "spearman": -0.123456, "top_upstream": "L0-5",
+             "n_candidates": 25, "n_sign_agrees": 20, "n_above_noise": 12, "n_magnitude_agrees": 5,
+             "sign_agreement": 0.9990456001341972, "spearman": -0.123456, "top_upstream": "L0-5",
              "pearson": 0.5, "validated": True} for i in range(3072)]
     shown = table_rows(rows, TABLE_ROWS)
     assert len(shown) == 50 and all(list(r) == list(TABLE_COLUMNS) for r in shown)
