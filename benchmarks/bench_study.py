@@ -183,6 +183,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--width", type=int, default=256, help="--shape study: the model's width")
     ap.add_argument("--d-sae", type=int, default=32768, help="--shape study: the SAEs' width")
     ap.add_argument("--per-layer", type=int, default=50, help="--shape study: causal features per layer")
+    ap.add_argument("--vs", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="also run a variant of the config with these keys set (YAML values; repeatable), each "
+                         "repeat running the default and the variant in turn; prints the variant's steps and the "
+                         "ratios, e.g. --vs attribution.method=gradient --vs attribution.replay_top=0")
     args = ap.parse_args(argv)
     from pathflow.demo import write_demo
 
@@ -209,7 +213,33 @@ def main(argv=None) -> dict:
     make_s = time.perf_counter() - t0
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     walls, steps_seen, outside = [], {s: [] for s in STEPS}, []
+    variant = None
+    if args.vs:
+        data = yaml.safe_load(cfg.read_text())
+        for item in args.vs:
+            key, _, value = item.partition("=")
+            section, _, name = key.partition(".")
+            data.setdefault(section, {})[name] = yaml.safe_load(value)
+        variant = cfg.with_name("config-variant.yaml")
+        variant.write_text(yaml.safe_dump(data, sort_keys=False))
+    var_steps: dict[str, list[float]] = {s: [] for s in STEPS}
+    var_walls: list[float] = []
     for i in range(args.repeats):  # a stall of the machine hits one sample; the minimum drops it
+        if variant is not None:  # interleaved with the default's runs
+            vstore = work / f"store-{args.features}" / f"variant-{i}"
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", "pathflow", "run", "-c", str(variant), "--store", str(vstore)],
+                               capture_output=True, text=True, env=env, cwd=str(ROOT))
+            var_walls.append(time.perf_counter() - t0)
+            if r.returncode != 0:
+                print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"pathflow run (variant) failed ({r.returncode})")
+            (vdir,) = (vstore / "runs").iterdir()
+            vm = json.loads((vdir / "manifest.json").read_text())
+            for s in STEPS:
+                if s in vm["steps"]:
+                    var_steps[s].append(vm["steps"][s]["seconds"])
+            shutil.rmtree(vstore, ignore_errors=True)
         store = work / f"store-{args.features}" / str(i)
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, "-m", "pathflow", "run", "-c", str(cfg), "--store", str(store)],
@@ -248,6 +278,11 @@ def main(argv=None) -> dict:
         "bytes": sizes,
         "projected_real": projection(run_dir, sizes),
     }
+    if variant is not None:
+        vsteps = {s: min(v) for s, v in var_steps.items() if v}
+        result["variant"] = {"set": args.vs, "run_wall": min(var_walls), "steps": vsteps,
+                             "default_over_variant": {s: steps[s] / max(vsteps[s], 1e-9) for s in vsteps if s in steps},
+                             "wall_default_over_variant": wall / max(min(var_walls), 1e-9)}
     print(json.dumps(result, indent=2))
     tmp.cleanup()
     return result

@@ -136,17 +136,27 @@ def main(argv=None) -> dict:
     graphed = sorted(targets, key=lambda t: -t["layer"])[:: max(1, n_targets // max(1, args.graph_targets))]
     graphed = graphed[: args.graph_targets]
     bet, stop = answer_id(tok, "1", "bet"), answer_id(tok, "2", "stop")
-    sync(device)
-    tg = time.perf_counter()
-    graph_nodes = []
-    for v in ids.values():
-        chosen = [Target(t["feature"], t["layer"], t["feature_id"], int(v.shape[1]) - 1) for t in graphed]
-        _, graphs, _ = prompt_graphs(model, {l: saes[l] for l in range(max(t.layer for t in chosen) + 1)}, v, chosen,
-                                     bet, stop, max_nodes=200, batch_size=8)
-        graph_nodes += [len(g.nodes) for g in graphs]
-        del graphs
-    sync(device)
-    graphs_s = time.perf_counter() - tg
+    from pathflow.config import AttributionConfig, GraphsConfig
+
+    def time_graphs(method: str, replay_top: int) -> tuple[float, list[int]]:
+        """Seconds of the graphs step for ``graphed`` on both prompts, and the graphs' node counts."""
+        sync(device)
+        tg = time.perf_counter()
+        nodes = []
+        for v in ids.values():
+            chosen = [Target(t["feature"], t["layer"], t["feature_id"], int(v.shape[1]) - 1) for t in graphed]
+            _, graphs, _ = prompt_graphs(model, {l: saes[l] for l in range(max(t.layer for t in chosen) + 1)}, v,
+                                         chosen, bet, stop, max_nodes=200, batch_size=GraphsConfig().batch_size,
+                                         method=method, replay_top=replay_top)
+            nodes += [len(g.nodes) for g in graphs]
+            del graphs
+        sync(device)
+        return time.perf_counter() - tg, nodes
+
+    # first order and no replay before pruning (the old default), then the default attribution
+    first_s, _ = time_graphs("gradient", 0)
+    default = AttributionConfig()
+    graphs_s, graph_nodes = time_graphs(default.method, default.replay_top)
     per_target = graphs_s / max(1, len(graphed))  # both prompts
 
     result = {
@@ -159,7 +169,10 @@ def main(argv=None) -> dict:
                                                    "phase_b": measured["b"], "phase_c": measured["c"],
                                                    "tokens": tokens_s, "tokens_features": n_tok,
                                                    "tokens_texts": len(texts), "graphs": graphs_s,
-                                                   "graph_targets": len(graphed), "graph_nodes": graph_nodes},
+                                                   "graph_targets": len(graphed), "graph_nodes": graph_nodes,
+                                                   "graphs_first_order": first_s,
+                                                   "attribution": f"{default.method}+replay{default.replay_top}",
+                                                   "attribution_cost_ratio": graphs_s / max(first_s, 1e-9)},
                     "per_target_by_layer": {l: (cost[l]["a"] + cost[l]["b"] + cost[l]["c"]) / cost[l]["targets"]
                                             for l in layers if cost[l]["targets"]}},
         "projected_full_run_seconds": {"phase_a": projected["a"], "phase_b": projected["b"],

@@ -13,7 +13,15 @@ layer and position at once, and with it the attribution of every node:
     embedding q:         x_emb[q] · ∂y/∂x_emb[q]
 
 — circuit-tracer's link weight (positive raises y); pathflow's ``attribution`` (the first-order
-effect of ablating the node) is its negative. These are *total* effects through the model
+effect of ablating the node) is its negative. A graph's weight on its outputs is more than that
+(``output_weights``): the best estimate of −(y's change when the node is ablated). With
+attribution.method "norm", every RMSNorm N at the node's position q in a layer above l responds
+exactly to the ablation δ = −f·W_D[:, i]/s (``norm_correction``):
+
+    Δy ≈ g_l[q]·δ + Σ_N ĝ_N·(N(x_N + δ) − N(x_N) − J_N δ)        ĝ_N = ∂y/∂N's output, same backward
+
+and the ``replay_top`` strongest features of each output are then replayed (``replay_nodes``), their
+weight the measured −Δy. Edges between two kept features stay first order. These are *total* effects through the model
 (attention and MLPs included), so the weight of u → y already counts the paths through other
 nodes. k outputs are k rows of one batch, each row a copy of the prompt: one backward serves k
 outputs. At position p the rows equal the cached-prefix Jacobians of step 3 (tested).

@@ -153,7 +153,20 @@ def graph_view(doc: dict, max_edges: int = 400) -> dict:
                  else f"L{r}")} for r in rows]
     return {"width": width, "height": height, "edges": edges, "nodes": nodes, "axis": axis, "ylabels": ylabels,
             "slug": md["slug"], "n_edges": len(doc["links"]), "n_drawn": len(links),
-            "replay": (md.get("info") or {}).get("replay") or {}}
+            "replay": (md.get("info") or {}).get("replay") or {},
+            "scores": score_view((md.get("info") or {}).get("scores"))}
+
+
+def score_view(s: dict | None) -> dict | None:
+    """A graph's scores (``pathflow.scores``) as the feature page shows them: None where it has none."""
+    if not s:
+        return None
+    c = s.get("completeness", {}).get("target", {})
+    return {"completeness": c.get("overall"), "per_layer": c.get("per_layer", {}),
+            "replacement": s.get("circuit_tracer", {}).get("replacement"),
+            "ct_completeness": s.get("circuit_tracer", {}).get("completeness"),
+            "faith_target": s.get("faithfulness", {}).get("target"),
+            "faith_decision": s.get("faithfulness", {}).get("decision")}
 
 
 def _node_name(n: dict) -> str:

@@ -87,13 +87,21 @@ def graphs_md(run, metadata: list[dict], shown: int = 20) -> str:
              f"In circuit-tracer's viewer: `pathflow graphs {run.run_id} --store {run.store.url}`; the files are "
              f"`{run.url}/{GRAPHS_DIR}/` (circuit-tracer 0.5.0's format).", "",
              "Kept features are replayed: " + (metadata[0]["info"].get("validated_means", "") if metadata else ""), "",
+             "Scores: completeness = the target's attribution carried by SAE features rather than errors; "
+             "replacement = circuit-tracer's score of the pruned graph; faithfulness = (m(graph) − m(none)) / "
+             "(m(full) − m(none)) with every feature outside the graph ablated, for the target.", "",
              "| graph | target | features replayed | signs agree | above noise | within factor | validated | "
-             "prompt's decision (baseline) |", "|---|---|---|---|---|---|---|---|"]
+             "completeness | replacement | faithfulness | prompt's decision (baseline) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in metadata[:shown]:
         info, rp = m["info"], m["info"].get("replay") or {}
         counts = " | ".join(str(rp.get(f"n_{k}", "–")) for k in ("sign_agrees", "above_noise", "magnitude_agrees",
                                                                    "validated"))
-        lines.append(f"| {m['slug']} | {info['target']} | {rp.get('n_replayed', 0)} | {counts} | "
+        sc = info.get("scores") or {}
+        vals = (sc.get("completeness", {}).get("target", {}).get("overall"),
+                sc.get("circuit_tracer", {}).get("replacement"), sc.get("faithfulness", {}).get("target"))
+        nums = " | ".join("–" if v is None else f"{v:.2f}" for v in vals)
+        lines.append(f"| {m['slug']} | {info['target']} | {rp.get('n_replayed', 0)} | {counts} | {nums} | "
                      f"{info['decision_value']:+.3f} |")
     if len(metadata) > shown:
         lines.append(f"\n… and {len(metadata) - shown} more in `graph-metadata.json`.")

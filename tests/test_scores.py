@@ -45,7 +45,7 @@ def test_circuit_tracer_scores_are_circuit_tracers(demo_graphs, circuit_tracer, 
     for j, g in enumerate(graphs):
         adj, layout = graph_matrix(g.nodes, g.edges, len(state.acts), len(state.ids))
         ours = circuit_tracer_scores(adj, layout)
-        torch.save(adj, tmp_path / f"adj{j}.pt")
+        torch.save(adj.float(), tmp_path / f"adj{j}.pt")  # circuit-tracer's logit weights are float32
         code = (
             "import sys, json, types, torch\n"
             f"sys.path.append({str(site)!r})\n"
@@ -59,8 +59,8 @@ def test_circuit_tracer_scores_are_circuit_tracers(demo_graphs, circuit_tracer, 
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=clean_env())
         assert r.returncode == 0, r.stderr[-2000:]
         replacement, complete = json.loads(r.stdout.strip().splitlines()[-1])
-        assert ours["replacement"] == pytest.approx(replacement, abs=1e-6)
-        assert ours["completeness"] == pytest.approx(complete, abs=1e-6)
+        assert ours["replacement"] == pytest.approx(replacement, abs=1e-4)
+        assert ours["completeness"] == pytest.approx(complete, abs=1e-4)
         assert 0 < ours["completeness"] <= 1 and g.scores["circuit_tracer"] == ours
 
 
