@@ -145,3 +145,20 @@ def test_demo_whole_prompt_recall(demo_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(out.read_text())["norm+replay50"]
     assert res["recall@25_worst"] >= 0.95 and res["recall@25_at_target_worst"] == 1.0
+
+
+def test_validated_means_three_checks():
+    from pathflow.config import ReplayConfig
+    from pathflow.replay import judge, validated_sentence
+
+    rc = ReplayConfig(noise_floor=0.1, max_ratio=2.0)
+    keys = ("sign_agrees", "above_noise", "magnitude_agrees", "validated")
+    cases = {(1.0, 0.6, 2.0): (True, True, True, True),      # 0.6 ≥ 0.1·2, within ×2
+             (1.0, 0.4, 2.0): (True, True, False, False),    # ×2.5 apart
+             (0.05, 0.05, 1.0): (True, False, True, False),  # below 10% of the target's value
+             (-1.0, 1.0, -1.0): (False, True, True, False),  # the signs differ
+             (1.0, 0.0, 1.0): (False, False, False, False)}  # nothing moved
+    for (pred, actual, base), want in cases.items():
+        got = judge(pred, actual, base, rc)
+        assert tuple(got[k] for k in keys) == want, (pred, actual, base, got)
+    assert "10%" in validated_sentence(rc) and "factor 2" in validated_sentence(rc)
