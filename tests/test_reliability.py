@@ -616,7 +616,8 @@ def test_token_reads_are_bounded_whatever_the_texts(ctx):
     ref = activation_maxima(ctx.model, ctx.saes, ctx.tokenizer, [long_text, "Bet $10"], feats, top=3, max_tokens=64,
                             batch_size=1)
     for f in feats:  # batching by budget changes nothing (up to float rounding under padding)
-        assert [(h["text"], h["position"]) for h in got[f]] == [(h["text"], h["position"]) for h in ref[f]]
+        # the same hits; two hits whose values tie up to rounding may come in either order
+        assert sorted((h["text"], h["position"]) for h in got[f]) == sorted((h["text"], h["position"]) for h in ref[f])
         assert [h["value"] for h in got[f]] == pytest.approx([h["value"] for h in ref[f]], rel=1e-4, abs=1e-5)
 
 
