@@ -650,7 +650,7 @@ def _flat_rows(nw: NodeWeights, state: PromptState) -> list[dict[str, torch.Tens
     weight = torch.cat([nw.feature[l].cpu() if l in nw.feature else torch.zeros(k, len(state.acts[l][0]))
                         for l in layers], 1)
     # the first-order weights apart only where the method changed them
-    grad = weight if nw.gradient is nw.feature or all(nw.gradient[l] is nw.feature[l] for l in nw.feature) else \
+    grad = weight if all(nw.gradient.get(l) is nw.feature[l] for l in nw.feature) else \
         torch.cat([nw.gradient[l].cpu() if l in nw.gradient else torch.zeros(k, len(state.acts[l][0]))
                    for l in layers], 1)
     error = torch.stack([nw.error[l].cpu() if l in nw.error else torch.zeros(k, n) for l in layers], 1)
