@@ -13,6 +13,7 @@ from pathflow.errors import quiet_user_errors
 from pathflow.provenance import sae_provenance
 from storage.store import new_run_id
 from tasks.common import run_folder_artifact, step
+from tasks.contrast import contrast_prompts
 from tasks.graphs import attribution_graphs
 from tasks.integrate import integrate_features
 from tasks.study import audit_study, select_features
@@ -43,8 +44,9 @@ def local_flow(config: Config | str, run_id: str | None = None, feature: str | N
         replayed = trace_pathways(config, store_url, run_id, [{**target, "index": 0}])
         tokens = token_associations(config, store_url, run_id, [target])
         graphs = attribution_graphs(config, store_url, run_id, [target])
+        contrast = contrast_prompts(config, store_url, run_id, [target])
         records = integrate_features(config, store_url, run_id, [target], audited["features"], replayed, tokens,
-                                     graphs)
+                                     graphs, contrast)
         with step(run, "prototype"):
             steps = run.manifest()["steps"]
             proto = {"target": target, "seconds": {k: v.get("seconds") for k, v in steps.items()},

@@ -20,6 +20,7 @@ from pathflow.study import audit_errors
 from pathflow.weights import check_files
 from storage.store import Run, Store, git_commit, new_run_id, redact
 from tasks.common import open_run, run_folder_artifact, step
+from tasks.contrast import contrast_prompts
 from tasks.graphs import attribution_graphs
 from tasks.integrate import integrate_features
 from tasks.pathways import batch_pathways, merge_pathways, prepare_jacobians, write_plan
@@ -77,10 +78,11 @@ def run_steps(config: Config, run, trace, allow_audit_errors: bool = False) -> d
         validated = trace(targets)
         tokens = token_associations(config, config.store.url, run.run_id, quote(targets))
         graphs = attribution_graphs(config, config.store.url, run.run_id, quote(targets))
+        contrast = contrast_prompts(config, config.store.url, run.run_id, quote(targets))
         # quote(): results pass to the next task as they are; Prefect would otherwise walk every nested
         # value looking for futures (minutes at 1,500 features)
         records = integrate_features(config, config.store.url, run.run_id, quote(targets), quote(audited["features"]),
-                                     quote(validated), quote(tokens), quote(graphs))
+                                     quote(validated), quote(tokens), quote(graphs), quote(contrast))
         manifest = run.complete()
     except BaseException as e:
         mark_failed(run, e)
@@ -159,7 +161,7 @@ def start_or_resume(config: Config, run_id: str, resume: bool, kind: str, **extr
 @flow(name="pathflow-run", flow_run_name=run_name("run"), log_prints=True)
 def pipeline_flow(config: Config | str, run_id: str | None = None, resume: bool = False,
                   allow_audit_errors: bool = False) -> dict:
-    """Audit → select → Jacobians → top-k → replay (mapped over batches) → tokens → graphs → integrate.
+    """Audit → select → Jacobians → top-k → replay (mapped over batches) → tokens → graphs → contrast → integrate.
 
     ``config``: the config, or the path of its YAML file on the worker (``PATHFLOW_STORE`` there
     overrides its store). ``run_id``: a new run's id (default: the date and the flow run's id), or

@@ -210,6 +210,23 @@ class GraphsConfig(_Strict):
                              "Llama-Scope/Llama3_1-8B-Base-LXR-8x)")
 
 
+class ContrastConfig(_Strict):
+    enabled: bool = Field(True, description="contrast the two prompts for every target graphed on both "
+                          "(integrated/contrast/); the graphed targets are graphs.max_targets")
+    prompts: tuple[str, str] = Field(("risky", "safe"), description="the two prompts, a then b: the contrast is "
+                                     "a's weight minus b's")
+    top: int = Field(20, ge=1, le=10_000, description="upstream features kept per target, by |a − b| weight")
+    patch_top: int = Field(5, ge=0, le=1_000, description="cross-prompt patching: each target's strongest "
+                           "differing features set to the other prompt's values, each alone and together")
+    batch_size: int = Field(32, ge=1, description="patched prompts per forward")
+
+    @model_validator(mode="after")
+    def _two(self) -> "ContrastConfig":
+        if self.prompts[0] == self.prompts[1]:
+            raise ValueError(f"contrast.prompts names {self.prompts[0]!r} twice: name the two prompts to compare")
+        return self
+
+
 NEURONPEDIA_LLAMASCOPE = "https://www.neuronpedia.org/llama3.1-8b/{layer}-llamascope-res-32k/{feature_id}"
 
 
@@ -256,6 +273,7 @@ class Config(_Strict):
     tokens: TokensConfig = Field(default_factory=TokensConfig)
     decision: DecisionConfig = Field(default_factory=DecisionConfig)
     graphs: GraphsConfig = Field(default_factory=GraphsConfig)
+    contrast: ContrastConfig = Field(default_factory=ContrastConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
 

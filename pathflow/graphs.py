@@ -590,7 +590,7 @@ def output_weights(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets
     node is ablated): measured where ``dense["replayed"]`` says so, estimated elsewhere.
 
     Returns (state, FlatNodes, the decision's Gradients, dense — {"targets": [row], "decision": row,
-    "replayed": [m] bool}, the targets' values [k], the replays {node: {"target", "decision"}})."""
+    "replayed": [m] bool, "value": [k] the targets' values, "decision_value"}, the targets' values [k], the replays {node: {"target", "decision"}})."""
     if method not in ("gradient", "norm"):
         raise ValueError(f"attribution method {method!r}: use 'gradient' or 'norm'")
     norms = method == "norm"
@@ -626,6 +626,8 @@ def output_weights(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets
         dense["decision"]["weight"][idx] = -torch.tensor([replayed[k]["decision"] for k in keys])
         measured[idx] = True
     dense["replayed"] = measured
+    dense["value"] = torch.tensor(values, dtype=torch.float32)
+    dense["decision_value"] = float(dec.value[0])
     return state, flat, dec, dense, values, replayed
 
 
@@ -675,6 +677,7 @@ def sparse_arrays(state: PromptState, dense: dict) -> dict:
         "decision_error": dense["decision"]["error"].numpy(),
         "decision_embedding": dense["decision"]["embedding"].numpy(),
         "replayed": dense["replayed"].numpy(),
+        "value": dense["value"].numpy(),
     }
 
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 import csv
 import io
 
+from .contrast import summary_columns
 from .report import show_token
 
 
 def feature_record(selected: dict, study_values: dict, pathways: dict, tokens: dict,
-                   graphs: dict[str, str] | None = None) -> dict:
+                   graphs: dict[str, str] | None = None, contrast: dict | None = None) -> dict:
     """Join steps 1–4 for one feature.
 
     selected: the step-1 record; study_values: the study's own numbers for the feature;
     pathways: {prompt: {"faithfulness", "candidates": [replayed records]}};
-    tokens: the step-4 views of the feature; graphs: {prompt: slug} of its attribution graphs.
+    tokens: the step-4 views of the feature; graphs: {prompt: slug} of its attribution graphs;
+    contrast: its record of ``integrated/contrast/targets.json`` (None when it was not contrasted).
     """
     validated = {prompt: [c for c in p["candidates"] if c["validated"]] for prompt, p in pathways.items()}
     return {
@@ -30,6 +32,7 @@ def feature_record(selected: dict, study_values: dict, pathways: dict, tokens: d
         "candidates": {prompt: p["candidates"] for prompt, p in pathways.items()},
         "tokens": tokens,
         "graphs": graphs or {},
+        "contrast": contrast,
     }
 
 
@@ -48,6 +51,7 @@ def summary_rows(records: list[dict]) -> list[dict]:
                 "top_attribution": top["attribution"] if top else "",
                 "top_promoted_token": r["tokens"]["writes"]["promoted"][0]["token"]
                 if r["tokens"].get("writes") else "",
+                **summary_columns(r.get("contrast")),
             })
     return rows
 

@@ -130,7 +130,8 @@ GRAPH_DIMS = {"weight": ("target", "node"), "gradient": ("target", "node"), "err
               "embedding": ("target", "position"), "decision_weight": ("node",),
               "decision_error": ("layer", "position"), "decision_embedding": ("position",),
               "activation": ("node",), "node_layer": ("node",), "node_position": ("node",),
-              "node_feature": ("node",), "replayed": ("node",)}
+              "node_feature": ("node",), "replayed": ("node",),
+              "value": ("target",)}
 
 
 def write_prompt_graph(store, prompt: str, targets: list[str], arrays: dict[str, np.ndarray],
@@ -143,8 +144,8 @@ def write_prompt_graph(store, prompt: str, targets: list[str], arrays: dict[str,
     group = root.create_group(prompt, overwrite=True)
     for name, x in arrays.items():
         x = np.asarray(x)
-        if x.dtype.kind == "f":
-            x = _round(np.asarray(x, dtype=np.float32), keepbits)
+        if x.dtype.kind == "f":  # the targets' own values stay exact: a contrast subtracts them
+            x = _round(np.asarray(x, dtype=np.float32), None if name == "value" else keepbits)
         a = group.create_array(name, shape=x.shape, dtype=x.dtype, compressors=[COMPRESSOR],
                                dimension_names=GRAPH_DIMS[name], overwrite=True)
         a[...] = x
@@ -162,3 +163,25 @@ def node_attribution(group: zarr.Group, target: str, layer: int, position: int) 
     sel = (group["node_layer"][:] == layer) & (group["node_position"][:] == position)
     name = "gradient" if "gradient" in group else "weight"
     return {int(f): -float(w) for f, w in zip(group["node_feature"][:][sel], group[name][row][sel])}
+
+
+# -- contrast.zarr: the study's contrast sums, by target direction -------------------------------
+
+CONTRAST_DIMS = {"heatmap": ("direction", "layer", "span"), "feature_difference": ("direction", "layer", "feature"),
+                 "feature_targets": ("direction", "layer", "feature"), "target_span": ("target", "span"),
+                 "target_difference": ("target",)}
+
+
+def write_contrast(store, arrays: dict[str, np.ndarray], labels: dict[str, list], attrs: dict) -> zarr.Group:
+    """``integrated/contrast/contrast.zarr``: ``arrays`` by the names of ``CONTRAST_DIMS``, each dimension's
+    labels (``labels[dim]``: directions, layers — "embeddings" then L0…, span names, targets) in the
+    attributes."""
+    root = zarr.open_group(store, mode="w", zarr_format=3)
+    for name, x in arrays.items():
+        x = np.asarray(x)
+        a = root.create_array(name, shape=x.shape, dtype=x.dtype, compressors=[COMPRESSOR],
+                              dimension_names=CONTRAST_DIMS[name])
+        a[...] = x
+        a.attrs["labels"] = {d: labels[d] for d in CONTRAST_DIMS[name] if d in labels and d != "feature"}
+    root.attrs.update({**attrs, "labels": labels})
+    return root

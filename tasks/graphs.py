@@ -59,6 +59,7 @@ def attribution_graphs(cfg: Config, store_url: str, run_id: str, targets: list[d
                 write_prompt_graph(run.zarr_store("graphs.zarr"), prompt, [t["feature"] for t in chosen],
                                    sparse_arrays(state, dense), {"position": p, "n_tokens": len(state.ids),
                                                                  "decision": label, "tokens": tokens,
+                                                                 "decision_value": float(dense["decision_value"]),
                                                                  "attribution_method": cfg.attribution.method,
                                                                  "replay_top": cfg.attribution.replay_top},
                                    cfg.gradients.keepbits)

@@ -38,12 +38,13 @@ def table_description(run, n_rows: int) -> str:
 
 @task(name="integrate", task_run_name="integrate", cache_policy=NONE)
 def integrate_features(cfg: Config, store_url: str, run_id: str, targets: list[dict], study: dict,
-                       pathways: dict, tokens: dict, graphs: dict | None = None) -> list[dict]:
+                       pathways: dict, tokens: dict, graphs: dict | None = None,
+                       contrast: dict | None = None) -> list[dict]:
     run = open_run(store_url, run_id)
-    graphs = graphs or {}
+    graphs, contrast = graphs or {}, contrast or {}
     with step(run, "integrate"):
         records = [feature_record(t, study[t["feature"]]["values"], pathways[t["feature"]], tokens[t["feature"]],
-                                  graphs.get(t["feature"], {})) for t in targets]
+                                  graphs.get(t["feature"], {}), contrast.get(t["feature"])) for t in targets]
         rows = summary_rows(records)
         run.write_json("integrated/features.json", {"run_id": run_id, "features": records})
         run.write_text("integrated/summary.csv", to_csv(rows))
