@@ -36,17 +36,19 @@ from .sae import SAE
 
 
 def token_lines(tokens: list[str], first_alone: bool = False) -> list[tuple[int, int]]:
-    """[start, end) of each line of a tokenised text: a line ends after a token holding a newline."""
+    """[start, end) of each line of a tokenised text: a line ends after a token holding a newline; a blank
+    line joins the line before it."""
     lines, start = [], 0
     if first_alone and tokens:
         lines.append((0, 1))
         start = 1
     for q in range(start, len(tokens)):
-        if "\n" in tokens[q]:
-            lines.append((start, q + 1))
+        if "\n" in tokens[q] or q == len(tokens) - 1:
+            if lines and not "".join(tokens[start:q + 1]).strip() and lines[-1][0] >= int(first_alone):
+                lines[-1] = (lines[-1][0], q + 1)
+            else:
+                lines.append((start, q + 1))
             start = q + 1
-    if start < len(tokens):
-        lines.append((start, len(tokens)))
     return lines
 
 

@@ -245,6 +245,82 @@ def bars_view(counts: dict[int, int], width: int = 380, height: int = 170) -> di
         for i, l in enumerate(layers)], "y0": y0}
 
 
+# -- the contrast of the two prompts ---------------------------------------------------------
+
+
+def diverging_colour(value: float, top: float) -> str:
+    """A span's background by its a − b weight: ``LOWERS`` red where a (risky) carries more, ``RAISES``
+    blue where b (safe) does; transparent at 0."""
+    a = 0.0 if top <= 0 else max(-1.0, min(1.0, value / top))
+    if a == 0:
+        return "transparent"
+    r, g, b = (178, 24, 43) if a > 0 else (33, 102, 172)
+    return f"rgba({r},{g},{b},{0.08 + 0.72 * abs(a):.2f})"
+
+
+def prompt_spans_view(alignment: dict, weight: dict[int, float]) -> dict:
+    """Both prompts as their spans, each coloured by its a − b ``weight`` ({span id: w}); tokens the diff
+    changed are marked. Returns {"prompts": [a, b], "top", "sides": {prompt: [{"id", "name", "tokens":
+    [{"text", "changed"}], "colour", "title"}]}}."""
+    a, b = alignment["prompts"]
+    top = max((abs(v) for v in weight.values()), default=0.0)
+    sides = {}
+    for p in (a, b):
+        toks = alignment["tokens"][p]
+        out = []
+        for s in alignment["spans"]:
+            side = s.get(p)
+            if not side:
+                continue
+            changed = set(side["changed"])
+            w = weight.get(s["id"], 0.0)
+            out.append({"id": s["id"], "name": s["name"], "colour": diverging_colour(w, top), "weight": w,
+                        "title": f"{s['name']}: {w:+.3g}" + (" (differs)" if s["differs"] else ""),
+                        "tokens": [{"text": toks[q], "changed": q in changed} for q in range(side["start"], side["end"])]})
+        sides[p] = out
+    return {"prompts": [a, b], "top": top, "sides": sides}
+
+
+def heatmap_view(heat: dict, cell_w: int = 26, cell_h: int = 13, left: int = 84, head: int = 150) -> dict:
+    """A layer × span heat map (rows: embeddings, then layers; columns: spans) as SVG geometry; the span
+    names are the column heads, turned."""
+    vals = heat["values"]
+    top = max((abs(v) for row in vals for v in row), default=0.0)
+    cells = [{"x": left + j * cell_w, "y": head + i * cell_h, "colour": diverging_colour(v, top) if v else "#fafafa",
+              "title": f"{heat['layers'][i]} × {heat['spans'][j]}: {v:+.3g}"}
+             for i, row in enumerate(vals) for j, v in enumerate(row)]
+    return {"width": left + len(heat["spans"]) * cell_w + 10, "height": head + len(vals) * cell_h + 8,
+            "cell_w": cell_w, "cell_h": cell_h, "cells": cells, "top": top,
+            "rows": [{"y": head + i * cell_h + cell_h - 3, "label": l, "show": len(vals) <= 20 or i % 2 == 0}
+                     for i, l in enumerate(heat["layers"])],
+            "cols": [{"x": left + j * cell_w + cell_w / 2, "y": head - 6, "label": n if len(n) <= 24 else n[:23] + "…"}
+                     for j, n in enumerate(heat["spans"])]}
+
+
+def contrast_section(rec: dict | None, alignment: dict | None) -> dict | None:
+    """A feature page's contrast: the prompts side by side, spans coloured by this target's a − b weight,
+    its top features, the differing spans' swaps and cross-prompt patching."""
+    if not rec or not alignment:
+        return None
+    a, b = rec["prompts"]
+    return {"rec": rec, "a": a, "b": b, "view": prompt_spans_view(alignment, {s["span"]: s["difference"]
+                                                                              for s in rec["spans"]}),
+            "swaps": rec.get("swaps", {}).get(f"{b}_with_{a}", []),
+            "patching": [(k, v) for k, v in (rec.get("patching") or {}).items()]}
+
+
+def study_page(summary: dict, alignment: dict, run_id: str, traced: set[str]) -> str:
+    """``integrated/study.html``: what drives the features, per target direction — ranked tables, the
+    layer × span heat map and the prompts with their spans highlighted."""
+    directions = []
+    order = {d: i for i, d in enumerate(summary["prompts"])}  # the page's own prompt's direction first
+    for d, out in sorted(summary.get("directions", {}).items(), key=lambda kv: (order.get(kv[0], 2), kv[0])):
+        directions.append({"name": d, "out": out, "heat": heatmap_view(out["heatmap"]),
+                           "view": prompt_spans_view(alignment, {s["span"]: s["difference"] for s in out["spans"]})})
+    return _env().get_template("study.html.j2").render(run_id=run_id, s=summary, directions=directions,
+                                                       traced=traced)
+
+
 # -- pages ---------------------------------------------------------------------------------
 
 
@@ -279,7 +355,7 @@ def feature_url(template: str | None, r: dict) -> str | None:
 
 
 def feature_page(r: dict, run_id: str, neuronpedia_url: str | None = None, traced: set[str] | None = None,
-                 graphs: dict[str, dict] | None = None, validated_means: str = "") -> str:
+                 graphs: dict[str, dict] | None = None, validated_means: str = "", alignment: dict | None = None) -> str:
     """One feature's self-contained page. r: an integrated record (``feature_record``); graphs: its
     whole-prompt graphs by prompt (circuit-tracer's JSON), drawn where given."""
     t = r.get("tokens") or {}
@@ -302,7 +378,8 @@ def feature_page(r: dict, run_id: str, neuronpedia_url: str | None = None, trace
         r=r, run_id=run_id, prompts=prompts, reads=reads, top_read=top_read, colour=activation_colour,
         histogram=histogram_view(t.get("histogram")), writes=t.get("writes"), changes=changes, study=study,
         scatter=scatter_view(_points(r)), effect=effect, traced=traced or set(),
-        neuronpedia=feature_url(neuronpedia_url, r), validated_means=validated_means)
+        neuronpedia=feature_url(neuronpedia_url, r), validated_means=validated_means,
+        contrast=contrast_section(r.get("contrast"), alignment))
 
 
 def index_rows(records: list[dict]) -> tuple[list[str], list[dict]]:
@@ -328,7 +405,7 @@ def index_rows(records: list[dict]) -> tuple[list[str], list[dict]]:
     return prompts, rows
 
 
-def index_page(records: list[dict], run_id: str, validated_means: str = "") -> str:
+def index_page(records: list[dict], run_id: str, validated_means: str = "", study: bool = False) -> str:
     """The run's index: summary pictures and a table of every traced feature, linking to its page."""
     points = [p for r in records for p in _points(r)]
     by_layer: dict[int, int] = {}
@@ -339,22 +416,28 @@ def index_page(records: list[dict], run_id: str, validated_means: str = "") -> s
     return _env().get_template("index.html.j2").render(
         run_id=run_id, rows=rows, prompts=prompts, n_points=len(points), agree=agree,
         bars=bars_view(by_layer), scatter=scatter_view(points),
-        rank_key=rows[0]["rank_key"] if rows else "rank", validated_means=validated_means)
+        rank_key=rows[0]["rank_key"] if rows else "rank", validated_means=validated_means, has_study=study)
 
 
 def report_pages(records: list[dict], run_id: str, neuronpedia_url: str | None = None,
-                 graph=lambda slug: None, validated_means: str | None = None) -> dict[str, str]:
+                 graph=lambda slug: None, validated_means: str | None = None,
+                 contrast: dict | None = None) -> dict[str, str]:
     """Every page of a run's report, by path under ``integrated/``. ``graph(slug)``: a whole-prompt
     graph's JSON (read one at a time, so a study's graphs are never all in memory); ``validated_means``:
-    the replay config's one sentence (``replay.validated_sentence``)."""
+    the replay config's one sentence (``replay.validated_sentence``); ``contrast``: {"summary",
+    "alignment"} of ``integrated/contrast/``, for the study page and the feature pages' contrast."""
     from .config import ReplayConfig
     from .replay import validated_sentence
 
     means = validated_means or validated_sentence(ReplayConfig())
     traced = {r["feature"] for r in records}
-    pages = {"report.html": index_page(records, run_id, means)}
+    alignment = (contrast or {}).get("alignment")
+    has_study = bool(contrast and alignment and (contrast.get("summary") or {}).get("directions"))
+    pages = {"report.html": index_page(records, run_id, means, has_study)}
+    if has_study:
+        pages["study.html"] = study_page(contrast["summary"], alignment, run_id, traced)
     for r in records:
         docs = {prompt: graph(slug) for prompt, slug in (r.get("graphs") or {}).items()}
         pages[f"features/{r['feature']}.html"] = feature_page(r, run_id, neuronpedia_url, traced,
-                                                              {k: v for k, v in docs.items() if v}, means)
+                                                              {k: v for k, v in docs.items() if v}, means, alignment)
     return pages

@@ -20,6 +20,16 @@ TABLE_COLUMNS = ("feature", "direction", "prompt", "n_validated", "n_sign_agrees
                  "n_magnitude_agrees", "n_candidates", "sign_agreement", "spearman", "top_upstream")
 
 
+def contrast_files(run) -> dict | None:
+    """The contrast step's summary and alignment, for the study page (None where it did not run)."""
+    from pathflow.contrast import CONTRAST_DIR
+
+    if not run.exists(f"{CONTRAST_DIR}/alignment.json"):
+        return None
+    return {"summary": run.read_json(f"{CONTRAST_DIR}/summary.json"),
+            "alignment": run.read_json(f"{CONTRAST_DIR}/alignment.json")}
+
+
 def table_rows(rows: list[dict], limit: int) -> list[dict]:
     """Summary rows for a Prefect table artifact: the columns that fit a screen, numbers to 3 digits."""
     return [{k: round(r[k], 3) if isinstance(r[k], float) else r[k] for k in TABLE_COLUMNS} for r in rows[:limit]]
@@ -52,7 +62,7 @@ def integrate_features(cfg: Config, store_url: str, run_id: str, targets: list[d
         run.write_text("integrated/report.md", md)
         for path, page in report_pages(records, run_id, cfg.report.neuronpedia_url,
                                        lambda slug: run.read_json(graph_path(slug)),
-                                       validated_sentence(cfg.replay)).items():
+                                       validated_sentence(cfg.replay), contrast_files(run)).items():
             run.write_text(f"integrated/{path}", page)
     create_table_artifact(key="pathflow-pathways", table=table_rows(rows, TABLE_ROWS),
                           description=table_description(run, len(rows)) + ". " + validated_sentence(cfg.replay))

@@ -34,6 +34,9 @@ def test_token_lines_end_after_a_newline_token():
     toks = ["<s>", "Round", " 1", ":\n", "Bet", "\n\n", "Choice", ": "]
     assert token_lines(toks) == [(0, 4), (4, 6), (6, 8)]
     assert token_lines(toks, first_alone=True) == [(0, 1), (1, 4), (4, 6), (6, 8)]
+    # a blank line joins the line before it (a tokenizer that splits "\n\n")
+    assert token_lines(["a", "\n", "\n", "b"]) == [(0, 3), (3, 4)]
+    assert token_lines(["<s>", "\n", "b"], first_alone=True) == [(0, 1), (1, 2), (2, 3)]
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real study data not present at {SHARED_DATA}")

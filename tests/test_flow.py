@@ -53,8 +53,13 @@ def test_batches_are_mapped_with_artifacts(harness, demo_cfg, tmp_path):
         "pathflow-pathways",
         "pathflow-report",
         "pathflow-graphs",
+        "pathflow-contrast",
         "pathflow-run-folder",
     } <= keys
+    (contrast,) = [a for a in arts if a.key == "pathflow-contrast"]
+    assert "Covers 6 of 6 traced targets" in contrast.data and "| upstream feature | targets fed |" in contrast.data
+    summary = json.loads((tmp_path / "runs/mapped/integrated/contrast/summary.json").read_text())
+    assert sum(d["n_targets"] for d in summary["directions"].values()) == 6
     (graphs,) = [a for a in arts if a.key == "pathflow-graphs"]
     assert "pathflow graphs mapped" in graphs.data and "| graph | target |" in graphs.data
     (progress,) = [a for a in arts if a.key == "pathflow-progress"]

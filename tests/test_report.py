@@ -442,3 +442,44 @@ def test_graphs_zarr_is_sparse_and_its_last_position_is_jacobians_zarr(run_dir):
             sel = g["node_layer"][:] >= layer
             assert np.all(g["weight"][list(g.attrs["targets"]).index(name)][sel] == 0)
     assert checked > 20
+
+
+def test_study_page_in_headless_chromium(run_dir, tmp_path):
+    """The study page ("What drives the risky features") worked in Chromium: direction tabs, a span clicked
+    in the prompt text and found in the table, the heat map's cells, a feature's contrast section through
+    a link; self-contained (no network request) and nothing logged. Screenshots in test-output/report/."""
+    require("/usr/bin/chromium", "node", str(UI / "node_modules" / "playwright-core"))
+    summary = json.loads((run_dir / "integrated/contrast/summary.json").read_text())
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    out = subprocess.run(["node", str(UI / "study_page.mjs"), str(run_dir / "integrated" / "study.html"), str(shots)],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    keep = ROOT / "test-output" / "report"
+    keep.mkdir(parents=True, exist_ok=True)
+    for png in shots.glob("*.png"):
+        shutil.copy(png, keep / png.name)
+    assert "error" not in seen, seen
+    assert seen["errors"] == [] and seen["requests"] == []
+    a, b = summary["prompts"]
+    assert seen["h1"] == f"What drives the {a} features"
+    dirs = summary["directions"]
+    assert sorted(seen["tabs"]) == sorted(dirs) and seen["tabs"][0] == a  # the page's own direction first
+    config = json.loads((run_dir / "manifest.json").read_text())["config"]
+    texts = json.loads((Path(config["study"]["prompts"])).read_text())
+    for d, s in seen["sections"].items():
+        out_d = dirs[d]
+        assert s["shown"] == [d] and s["pressed"] == "true"
+        # each prompt's text, whole, as its spans
+        assert {p: t.replace("↵", "").removeprefix("<|begin_of_text|>") for p, t in s["spans_text"]} == \
+            {a: texts[a], b: texts[b]}
+        assert s["coloured"] > 0
+        heat = out_d["heatmap"]
+        assert s["cells"] == len(heat["layers"]) * len(heat["spans"])
+        assert s["span_rows"][0] == out_d["spans"][0]["name"]
+        assert s["feeds"][0] == out_d["feeds_most"][0]["feature"]
+        picked = {(tag, span) for tag, span in s["picked"]}
+        assert ("TR", s["first_span"]) in picked and ("SPAN", s["first_span"]) in picked
+    assert seen["contrast_h2"].startswith(f"{a} vs {b}")
+    assert seen["feature_spans"] == [a, b] and seen["patch_tables"] == [f"{b}_with_{a}", f"{a}_with_{b}"]
