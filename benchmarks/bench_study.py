@@ -32,7 +32,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 CONDITIONS = ["safe_baseline", "safe_with_safe_patch", "safe_with_risky_patch", "risky_baseline",
               "risky_with_safe_patch", "risky_with_risky_patch"]
-STEPS = ("audit", "select", "pathways", "tokens", "graphs", "integrate")
+STEPS = ("audit", "select", "pathways", "tokens", "graphs", "contrast", "integrate")
 # The real study (LLaMA-3.1-8B + LlamaScope 32K): targets, prompts, layers, SAE width; targets spread
 # over layers 1–31, so a target has on average 16 upstream layers.
 REAL = {"targets": 1550, "prompts": 2, "mean_upstream_layers": 16.0, "d_sae": 32768,

@@ -221,7 +221,7 @@ class ContrastConfig(_Strict):
     batch_size: int = Field(32, ge=1, description="patched prompts per forward")
 
     @model_validator(mode="after")
-    def _two(self) -> "ContrastConfig":
+    def _two(self) -> ContrastConfig:
         if self.prompts[0] == self.prompts[1]:
             raise ValueError(f"contrast.prompts names {self.prompts[0]!r} twice: name the two prompts to compare")
         return self

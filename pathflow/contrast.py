@@ -187,7 +187,8 @@ def target_contrast(al: Alignment, rows: dict[str, PromptRow], d_sae: int, n_lay
     errors_by_layer: dict[int, float] = {}
     for p, sign in ((a, 1.0), (b, -1.0)):
         r, so = rows[p], al.span_of[p]
-        np.add.at(cut_f, (1 + r.node_layer.astype(np.int64), so[r.node_position]), sign * r.weight)
+        cell = (1 + r.node_layer.astype(np.int64)) * S + so[r.node_position]  # (layer row, span), flattened
+        cut_f += sign * np.bincount(cell, r.weight, (1 + n_layers) * S).reshape(1 + n_layers, S)
         for j, l in enumerate(r.error_layers.tolist()):
             cut_e[1 + l] += sign * np.bincount(so, r.error[j], S)
             errors_by_layer[l] = errors_by_layer.get(l, 0.0) + sign * float(r.error[j].sum())
@@ -250,13 +251,18 @@ class StudyContrast:
                                     "layer_span": np.zeros((1 + self.n_layers, self.n_spans))}
             self.counts[direction] = 0
         s, x = self.sums[direction], rec["_arrays"]
-        np.add.at(s["feature_diff"], x["feature_key"], x["feature_diff"])
-        np.add.at(s["feature_abs"], x["feature_key"], np.abs(x["feature_diff"]))
+        s["feature_diff"][x["feature_key"]] += x["feature_diff"]  # the keys are unique (np.unique)
+        s["feature_abs"][x["feature_key"]] += np.abs(x["feature_diff"])
         top = [f["layer"] * self.d_sae + f["feature_id"] for f in rec["features"]]
         np.add.at(s["feature_targets"], np.array(top, dtype=np.int64), 1)
         s["span_diff"] += x["span_diff"]
         s["layer_span"] += x["layer_span"]
         self.counts[direction] += 1
+
+    def _row(self, s: dict, k: int) -> dict:
+        l, i = divmod(k, self.d_sae)
+        return {"feature": f"L{l}-{i}", "layer": l, "feature_id": i, "n_targets": int(s["feature_targets"][k]),
+                "difference": float(s["feature_diff"][k]), "abs_difference": float(s["feature_abs"][k])}
 
     def summary(self, al: Alignment, top: int = 25) -> dict:
         """Per direction: the upstream features feeding the most targets (then by Σ |a − b|), those with
@@ -266,12 +272,9 @@ class StudyContrast:
             n = self.counts[d]
             feed = np.lexsort((-s["feature_abs"], -s["feature_targets"]))[:top]
             heavy = np.argsort(-np.abs(s["feature_diff"]), kind="stable")[:top]
-            row = lambda k: {"feature": f"L{k // self.d_sae}-{k % self.d_sae}", "layer": int(k // self.d_sae),  # noqa
-                             "feature_id": int(k % self.d_sae), "n_targets": int(s["feature_targets"][k]),
-                             "difference": float(s["feature_diff"][k]), "abs_difference": float(s["feature_abs"][k])}
             out[d] = {"n_targets": n,
-                      "feeds_most": [row(int(k)) for k in feed if s["feature_targets"][k] > 0],
-                      "most_weight": [row(int(k)) for k in heavy if s["feature_diff"][k] != 0],
+                      "feeds_most": [self._row(s, int(k)) for k in feed if s["feature_targets"][k] > 0],
+                      "most_weight": [self._row(s, int(k)) for k in heavy if s["feature_diff"][k] != 0],
                       "spans": [{"span": int(j), "name": al.spans[j]["name"], "differs": al.spans[j]["differs"],
                                  "difference": float(s["span_diff"][j]),
                                  "mean_difference": float(s["span_diff"][j] / max(n, 1))}
@@ -290,7 +293,8 @@ def _entries(acts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], l
     return dict(zip(pos[sel].tolist(), val[sel].tolist()))
 
 
-def patch_edit(feature: tuple[int, int], dst_acts, src_acts, partner: dict[int, int]) -> list[tuple[int, int, int, float]]:
+def patch_edit(feature: tuple[int, int], dst_acts, src_acts,
+               partner: dict[int, int]) -> list[tuple[int, int, int, float]]:
     """The edits that set ``feature`` (layer, id) on the destination prompt to its source values at every
     paired position (``partner``: {destination position: source position}): [(layer, position, id, change)]."""
     l, i = feature
@@ -392,11 +396,17 @@ def swap_spans(model, saes: dict[int, SAE], al: Alignment, ids: dict[str, torch.
 # -- the whole contrast of one run --------------------------------------------------------------
 
 
-def prompt_row(group, j: int) -> PromptRow:
-    """Row ``j`` (a target) of one prompt's ``graphs.zarr`` group (or a dict of the same arrays)."""
+def node_arrays(group) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(node_layer, node_position, node_feature) [N] of one prompt's ``graphs.zarr`` group, shared by its rows."""
+    return tuple(np.asarray(group[k][:]).astype(np.int64) for k in ("node_layer", "node_position", "node_feature"))
+
+
+def prompt_row(group, j: int, nodes: tuple | None = None) -> PromptRow:
+    """Row ``j`` (a target) of one prompt's ``graphs.zarr`` group (or a dict of the same arrays);
+    ``nodes``: its ``node_arrays``, read once for every row."""
+    layer, pos, feat = nodes if nodes is not None else node_arrays(group)
     err = np.asarray(group["error"][j], dtype=np.float64)
-    return PromptRow(node_layer=np.asarray(group["node_layer"][:]), node_position=np.asarray(group["node_position"][:]),
-                     node_feature=np.asarray(group["node_feature"][:]),
+    return PromptRow(node_layer=layer, node_position=pos, node_feature=feat,
                      weight=np.asarray(group["weight"][j], dtype=np.float64), error=err,
                      error_layers=np.arange(err.shape[0]), embedding=np.asarray(group["embedding"][j], np.float64),
                      value=float(group["value"][j]))
@@ -404,8 +414,8 @@ def prompt_row(group, j: int) -> PromptRow:
 
 def _entry_weights(row: PromptRow, wanted: set[tuple[int, int]]) -> dict[tuple[int, int, int], float]:
     """{(layer, position, id): weight} of the entries of the ``wanted`` (layer, id) features."""
-    sel = np.fromiter(((int(l), int(i)) in wanted for l, i in zip(row.node_layer, row.node_feature)), bool,
-                      len(row.node_layer))
+    width = int(row.node_feature.max(initial=0)) + 1
+    sel = np.isin(row.node_layer * width + row.node_feature, [l * width + i for l, i in wanted if i < width])
     return {(int(l), int(q), int(i)): float(w) for l, q, i, w in
             zip(row.node_layer[sel], row.node_position[sel], row.node_feature[sel], row.weight[sel])}
 
@@ -429,13 +439,13 @@ def contrast_run(model, saes: dict[int, SAE], al: Alignment, ids: dict[str, torc
     n_layers = max(saes) + 1
     study = StudyContrast(n_layers, d_sae, len(al.spans))
     records, wants, dec_rows = [], [], {}
+    nodes = {p: node_arrays(groups[p]) for p in (a, b)}
     for p in (a, b):  # the decision's weights: one row per prompt, shared by every target
         g = groups[p]
-        dec_rows[p] = PromptRow(np.asarray(g["node_layer"][:]), np.asarray(g["node_position"][:]),
-                                np.asarray(g["node_feature"][:]), np.asarray(g["decision_weight"][:], np.float64),
+        dec_rows[p] = PromptRow(*nodes[p], np.asarray(g["decision_weight"][:], np.float64),
                                 np.zeros((0, 0)), np.zeros(0, np.int64), np.zeros(0), 0.0)
     for n, t in enumerate(targets):
-        rows = {p: prompt_row(groups[p], names[p].index(t["feature"])) for p in (a, b)}
+        rows = {p: prompt_row(groups[p], names[p].index(t["feature"]), nodes[p]) for p in (a, b)}
         rec = target_contrast(al, rows, d_sae, n_layers, t["layer"], top)
         study.add(t.get("direction") or "unclassified", rec)
         del rec["_arrays"]
@@ -496,7 +506,7 @@ def summary_doc(al: Alignment, records: list[dict], study: StudyContrast | None,
     patching fared."""
     a, b = al.prompts
     doc = {"run_id": run_id, "prompts": [a, b], "covers": covers,
-           "meaning": f"weights are {a} minus {b}; a weight is −(the target's change when the node is ablated). "
+           "meaning": f"Weights are {a} minus {b}; a weight is −(the target's change when the node is ablated). "
                       "A span's weight is its share of each layer's cut, averaged over the cuts; a swap replaces "
                       f"one differing span's text on {b} with {a}'s and measures the target",
            "spans": [{"id": s["id"], "name": s["name"], "differs": s["differs"],

@@ -590,7 +590,8 @@ def output_weights(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets
     node is ablated): measured where ``dense["replayed"]`` says so, estimated elsewhere.
 
     Returns (state, FlatNodes, the decision's Gradients, dense — {"targets": [row], "decision": row,
-    "replayed": [m] bool, "value": [k] the targets' values, "decision_value"}, the targets' values [k], the replays {node: {"target", "decision"}})."""
+    "replayed": [m] bool, "value": [k] the targets' values, "decision_value"}, the targets' values [k], the
+    replays {node: {"target", "decision"}})."""
     if method not in ("gradient", "norm"):
         raise ValueError(f"attribution method {method!r}: use 'gradient' or 'norm'")
     norms = method == "norm"

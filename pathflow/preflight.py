@@ -94,10 +94,24 @@ def check_model_location(cfg: Config) -> None:
         _json(Path(name) / "config.json", "the model's config")  # present and a JSON object, or one error
 
 
+def check_contrast(cfg: Config, prompts: dict) -> None:
+    """``contrast.prompts`` set in the config must name two of the study's prompts (left at its default, a
+    study without a 'risky' and a 'safe' prompt is simply not contrasted; the step says so)."""
+    c = cfg.contrast
+    if not c.enabled or "prompts" not in c.model_fields_set:
+        return
+    missing = [p for p in c.prompts if p not in prompts]
+    if missing:
+        raise PathflowError(f"contrast.prompts names {missing[0]!r}, which is not a prompt of {cfg.study.prompts} "
+                            f"(its prompts: {', '.join(prompts) or 'none'}): name two of them")
+
+
 def preflight(cfg: Config) -> dict[str, dict]:
     """Everything checkable before work starts; returns ``prompt_positions``."""
     resolve_device(cfg.model.device)
     check_model_location(cfg)
     check_saes(cfg)
     check_decision(cfg)
-    return prompt_positions(cfg)
+    positions = prompt_positions(cfg)
+    check_contrast(cfg, positions)
+    return positions

@@ -276,7 +276,8 @@ def prompt_spans_view(alignment: dict, weight: dict[int, float]) -> dict:
             w = weight.get(s["id"], 0.0)
             out.append({"id": s["id"], "name": s["name"], "colour": diverging_colour(w, top), "weight": w,
                         "title": f"{s['name']}: {w:+.3g}" + (" (differs)" if s["differs"] else ""),
-                        "tokens": [{"text": toks[q], "changed": q in changed} for q in range(side["start"], side["end"])]})
+                        "tokens": [{"text": toks[q], "changed": q in changed}
+                                   for q in range(side["start"], side["end"])]})
         sides[p] = out
     return {"prompts": [a, b], "top": top, "sides": sides}
 
@@ -355,7 +356,8 @@ def feature_url(template: str | None, r: dict) -> str | None:
 
 
 def feature_page(r: dict, run_id: str, neuronpedia_url: str | None = None, traced: set[str] | None = None,
-                 graphs: dict[str, dict] | None = None, validated_means: str = "", alignment: dict | None = None) -> str:
+                 graphs: dict[str, dict] | None = None, validated_means: str = "",
+                 alignment: dict | None = None) -> str:
     """One feature's self-contained page. r: an integrated record (``feature_record``); graphs: its
     whole-prompt graphs by prompt (circuit-tracer's JSON), drawn where given."""
     t = r.get("tokens") or {}

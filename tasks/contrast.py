@@ -50,9 +50,10 @@ def contrast_prompts(cfg: Config, store_url: str, run_id: str, targets: list[dic
         special = set(getattr(ctx.tokenizer, "all_special_ids", []) or [])
         al = align((a, b), (tok[a], tok[b]), (ids[a][0].tolist(), ids[b][0].tolist()),
                    first_alone=int(ids[a][0, 0]) in special and int(ids[b][0, 0]) in special)
+        more = "" if len(chosen) == len(targets) else "; set graphs.max_targets: null to cover every traced target"
         covers = {"n_targets": len(chosen), "of": len(targets),
                   "which": "the targets with whole-prompt graphs on both prompts (graphs.max_targets = "
-                           f"{cfg.graphs.max_targets}, the strongest first){'' if len(chosen) == len(targets) else '; set graphs.max_targets: null to cover every traced target'}"}
+                           f"{cfg.graphs.max_targets}, the strongest first){more}"}
         saes = ctx.saes_up_to(max(t["layer"] for t in chosen)) if chosen else {}
         last = {"logged": 0}
 

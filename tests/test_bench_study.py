@@ -21,7 +21,7 @@ def test_bench_study_small(demo_dir, tmp_path):
     out = json.loads(r.stdout[r.stdout.index("{"):])
     assert out["features"] == out["targets_traced"] == 20
     steps = out["seconds"]["steps"]
-    assert set(steps) == {"audit", "select", "pathways", "tokens", "graphs", "integrate"}
+    assert set(steps) == {"audit", "select", "pathways", "tokens", "graphs", "contrast", "integrate"}
     assert all(v > 0 for v in steps.values())
     assert 0 < out["seconds"]["outside_steps"] < out["seconds"]["run_wall"]
     b = out["bytes"]

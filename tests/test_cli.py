@@ -45,7 +45,7 @@ def check_run(run_dir: Path) -> dict:
         assert (run_dir / f).is_file(), f
         assert m["outputs"][f] == hashlib.sha256((run_dir / f).read_bytes()).hexdigest()
     steps = {name.split("/")[0] for name in m["steps"]}
-    assert steps >= {"audit", "select", "pathways", "tokens", "graphs", "integrate", "prototype"}
+    assert steps >= {"audit", "select", "pathways", "tokens", "graphs", "contrast", "integrate", "prototype"}
     assert all(s["status"] == "done" for s in m["steps"].values())
     assert m["config_hash"] and m["inputs"] and m["model"]["sha256"]
     proto = json.loads((run_dir / "prototype/single_feature_test.json").read_text())

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from pathflow.config import ReplayConfig
 from pathflow.contrast import (
     PromptRow,

@@ -438,6 +438,18 @@ def test_a_huge_prompt_is_refused_before_any_work(demo_cfg, tmp_path):
         preflight(cfg)
 
 
+def test_contrast_prompts_not_in_the_study_are_refused_before_any_work(demo_cfg, tmp_path):
+    from pathflow.errors import PathflowError
+    from pathflow.preflight import preflight
+
+    cfg = demo_cfg.model_copy(deep=True)
+    cfg.contrast = cfg.contrast.model_validate({"prompts": ["risky", "winning"]})
+    with pytest.raises(PathflowError, match="contrast.prompts names 'winning'.*its prompts: .*risky"):
+        preflight(cfg)
+    cfg.contrast = cfg.contrast.model_validate({"prompts": ["safe", "risky"]})  # both there: fine
+    assert set(preflight(cfg)) == {"risky", "safe"}
+
+
 def test_resume_does_not_depend_on_how_the_store_url_is_written(demo_cfg, tmp_path):
     a = demo_cfg.model_copy(deep=True)
     a.store.url = str(tmp_path / "store")
