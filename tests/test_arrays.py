@@ -118,3 +118,23 @@ def test_rows_are_rounded_only_where_computed(tmp_path):
     np.testing.assert_array_equal(a["grad"][:], b["grad"][:])
     assert np.isnan(a["grad"][:, :, 2:]).all() and np.isfinite(a["grad"][:, :, :2]).all()
     assert not np.array_equal(a["grad"][:, :, :2], grad[:, :, :2])  # rounded
+
+
+def test_graph_weights_are_rounded_but_the_targets_values_stay_exact(tmp_path):
+    """A contrast subtracts the two prompts' target values: they are kept to float32, the weights to keepbits."""
+    from storage.arrays import write_contrast, write_prompt_graph
+
+    rng = np.random.default_rng(0)
+    value = rng.normal(size=3).astype(np.float32) * 10
+    weight = rng.normal(size=(3, 5)).astype(np.float32)
+    g = write_prompt_graph(zarr.storage.LocalStore(str(tmp_path / "g.zarr")), "risky", ["a", "b", "c"],
+                           {"value": value, "weight": weight}, {"position": 4}, keepbits=4)
+    assert np.array_equal(g["value"][:], value)
+    assert not np.array_equal(g["weight"][:], weight)
+    assert np.allclose(g["weight"][:], weight, rtol=2.0**-4)
+    assert g["value"].metadata.dimension_names == ("target",)
+    c = write_contrast(zarr.storage.LocalStore(str(tmp_path / "c.zarr")),
+                       {"heatmap": np.ones((2, 3, 4), np.float32)},
+                       {"direction": ["risky", "safe"], "layer": ["embeddings", "L0", "L1"], "span": list("wxyz")}, {})
+    assert c["heatmap"].metadata.dimension_names == ("direction", "layer", "span")
+    assert c["heatmap"].attrs["labels"]["span"] == list("wxyz")
