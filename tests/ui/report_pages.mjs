@@ -1,19 +1,12 @@
 // Open a pathflow run's report in headless Chromium as a person would: the index, its filter and
 // sorting, then a feature's page through its link. Saves screenshots and prints JSON of what was seen.
 //   node report_pages.mjs REPORT_HTML OUT_DIR [index-only]
-import { chromium } from "playwright-core";
+import { launch, watchedPage } from "./browser.mjs";
 
 const [report, outDir, mode] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 const seen = { errors: [], requests: [] };
-const page = await browser.newPage({ viewport: { width: 1280, height: 1000 } });
-page.on("pageerror", (e) => seen.errors.push(String(e)));
-page.on("console", (m) => seen.errors.push(`console ${m.type()}: ${m.text()}`));
-page.on("request", (r) => { if (!r.url().startsWith("file://")) seen.requests.push(r.url()); });
+const page = await watchedPage(browser, seen);
 const texts = (sel) => page.$$eval(sel, (els) => els.map((e) => e.textContent.trim()));
 try {
   const t0 = Date.now();

@@ -1,20 +1,13 @@
 // Work a run's study page ("What drives the risky features") in headless Chromium as a person would:
-// switch the target direction, click a span of the prompt text and see it picked in the tables, hover the
-// heat map, then follow a feature's link to its contrast section. Saves screenshots, prints JSON.
+// switch the target direction, click a span of the prompt text and see it picked in the tables, read the
+// heat map's cells (their titles), then follow a feature's link to its contrast section. Saves screenshots, prints JSON.
 //   node study_page.mjs STUDY_HTML OUT_DIR
-import { chromium } from "playwright-core";
+import { launch, watchedPage } from "./browser.mjs";
 
 const [study, outDir] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 const seen = { errors: [], requests: [] };
-const page = await browser.newPage({ viewport: { width: 1280, height: 1000 } });
-page.on("pageerror", (e) => seen.errors.push(String(e)));
-page.on("console", (m) => seen.errors.push(`console ${m.type()}: ${m.text()}`));
-page.on("request", (r) => { if (!r.url().startsWith("file://")) seen.requests.push(r.url()); });
+const page = await watchedPage(browser, seen);
 const visible = (sel) => page.$$eval(sel, (els) => els.filter((e) => e.offsetParent !== null).map((e) => e.textContent.trim()));
 try {
   await page.goto(`file://${study}`, { waitUntil: "load" });
