@@ -70,7 +70,7 @@ async function featurePages() {
     rows: [...g.querySelectorAll("text.axis:not(.token)")].map((t) => t.textContent),
     kinds: [...g.querySelectorAll(".gnode")].map((n) => n.getAttribute("class").split(" ")[1]),
   })));
-  seen.token_backgrounds = await page.$$eval(".ctx span", (ss) => ss.map((s) => [s.textContent,
+  seen.token_backgrounds = await page.$$eval("table.reads .ctx span", (ss) => ss.map((s) => [s.textContent,
     getComputedStyle(s).backgroundColor, s.title]));
   seen.histogram_bars = await page.$$eval("svg.histogram rect.bar title", (ts) => ts.map((t) => t.textContent));
   seen.histogram_ticks = await texts("svg.histogram text.tick");
