@@ -21,6 +21,7 @@ WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY container/wheels/ container/wheels/
 COPY pathflow/ pathflow/
+COPY pathflow_cli/ pathflow_cli/
 COPY flows/ flows/
 COPY tasks/ tasks/
 COPY storage/ storage/
@@ -49,6 +50,7 @@ COPY --from=build /opt/pathflow /opt/pathflow
 # The flow code for deployments (prefect.yaml's pull step sets this as the working directory).
 COPY prefect.yaml /opt/pathflow/app/
 COPY pathflow/ /opt/pathflow/app/pathflow/
+COPY pathflow_cli/ /opt/pathflow/app/pathflow_cli/
 COPY flows/ /opt/pathflow/app/flows/
 COPY tasks/ /opt/pathflow/app/tasks/
 COPY storage/ /opt/pathflow/app/storage/

@@ -36,3 +36,11 @@ def result_of(state) -> dict:
             raise PathflowError(f"flow run {state.name}: {type(e).__name__}: {e}") from e
         raise PathflowError(f"flow run ended {state.name}: {state.message}")
     return state.result()
+
+
+def current_flow_run_id() -> str | None:
+    """The Prefect flow run this code runs in (its page in the UI), or None outside one."""
+    from prefect.runtime import flow_run
+
+    fid = flow_run.get_id()
+    return str(fid) if fid else None

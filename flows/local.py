@@ -6,7 +6,7 @@ import time
 
 from prefect import flow, get_run_logger
 
-from flows.common import auto_run_id, result_of, run_name
+from flows.common import auto_run_id, current_flow_run_id, result_of, run_name
 from flows.pipeline import mark_failed, start_or_resume, trace_pathways
 from pathflow.config import Config
 from pathflow.errors import quiet_user_errors
@@ -43,7 +43,7 @@ def local_flow(config: Config | str, run_id: str | None = None, feature: str | N
         run.update(sae={**run.manifest()["sae"], **sae_provenance(config, list(range(target["layer"] + 1)))})
         replayed = trace_pathways(config, store_url, run_id, [{**target, "index": 0}])
         tokens = token_associations(config, store_url, run_id, [target])
-        graphs = attribution_graphs(config, store_url, run_id, [target])
+        graphs = attribution_graphs(config, store_url, run_id, [target], tokens)
         contrast = contrast_prompts(config, store_url, run_id, [target])
         records = integrate_features(config, store_url, run_id, [target], audited["features"], replayed, tokens,
                                      graphs, contrast)
@@ -60,7 +60,7 @@ def local_flow(config: Config | str, run_id: str | None = None, feature: str | N
         run.lease.release()
     run_folder_artifact(run, manifest["status"])
     return {"run_id": run_id, "run_url": run.url, "status": manifest["status"], "target": target,
-            "record": records[0], "seconds": proto["seconds"]}
+            "record": records[0], "seconds": proto["seconds"], "flow_run_id": current_flow_run_id()}
 
 
 def run_local(config: Config, feature: str | None = None, run_id: str | None = None) -> dict:

@@ -8,7 +8,7 @@ from prefect.exceptions import TerminationSignal
 from prefect.futures import as_completed
 from prefect.utilities.annotations import quote
 
-from flows.common import auto_run_id, result_of, run_name
+from flows.common import auto_run_id, current_flow_run_id, result_of, run_name
 from pathflow import interrupt
 from pathflow.config import Config
 from pathflow.errors import PathflowError, quiet_user_errors
@@ -77,7 +77,7 @@ def run_steps(config: Config, run, trace, allow_audit_errors: bool = False) -> d
         audited, targets = audit_and_select(config, run.run_id, run, allow_audit_errors)
         validated = trace(targets)
         tokens = token_associations(config, config.store.url, run.run_id, quote(targets))
-        graphs = attribution_graphs(config, config.store.url, run.run_id, quote(targets))
+        graphs = attribution_graphs(config, config.store.url, run.run_id, quote(targets), quote(tokens))
         contrast = contrast_prompts(config, config.store.url, run.run_id, quote(targets))
         # quote(): results pass to the next task as they are; Prefect would otherwise walk every nested
         # value looking for futures (minutes at 1,500 features)
@@ -92,7 +92,7 @@ def run_steps(config: Config, run, trace, allow_audit_errors: bool = False) -> d
     run_folder_artifact(run, manifest["status"])
     # the summary rows, not the records: a flow's return value is walked by Prefect too
     return {"run_id": run.run_id, "run_url": run.url, "status": manifest["status"], "n_targets": len(targets),
-            "rows": summary_rows(records)}
+            "rows": summary_rows(records), "flow_run_id": current_flow_run_id()}
 
 
 def mark_failed(run, e: BaseException) -> None:

@@ -79,6 +79,13 @@ def test_local_with_no_arguments_in_a_fresh_folder(tmp_path):
     proto = check_run(run_dir)
     assert proto["target"]["feature"] in r.stdout and run_dir.name in r.stdout
     assert "Traceback" not in r.stdout + r.stderr
+    # it says what it does: the demo bundle written (with progress) and where, the config and store, the report
+    said = " ".join(r.stderr.split())
+    assert f"using the demo bundle, written now to {tmp_path / 'pathflow-demo'}" in said
+    assert "fitting the SAE of layer" in said or "6/6" in said
+    demo, store = tmp_path / "pathflow-demo", tmp_path / "pathflow-store"
+    assert f"config {demo / 'config.yaml'} (the demo bundle) store {store}" in said
+    assert f"report: {run_dir}/integrated/report.html" in " ".join(r.stdout.split())
 
 
 def test_local_feature_store_and_prefect_api(tmp_path, demo_dir, prefect_api):
@@ -103,6 +110,7 @@ def test_local_feature_store_and_prefect_api(tmp_path, demo_dir, prefect_api):
     assert fr["state_type"] == "COMPLETED"
     arts = httpx.post(f"{prefect_api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [fr["id"]]}}})
     assert {"pathflow-pathways", "pathflow-report", "pathflow-run-folder"} <= {a["key"] for a in arts.json()}
+    assert f"flow run: {prefect_api.removesuffix('/api')}/runs/flow-run/{fr['id']}" in " ".join(r.stdout.split())
 
     r = cli(
         ["local", "--config", cfg, "--feature", feature],

@@ -14,13 +14,45 @@ def store(demo_cfg, tmp_path_factory, prefect_api):
     tmp = tmp_path_factory.mktemp("runs-cli")
     cfg = write_cfg(demo_cfg, tmp)
     store = tmp / "store"
+    said = []
     for env in ({}, {}, {"PATHFLOW_FAIL_BATCH": "L2-batch0"}):
-        r = pathflow(["run", "-c", str(cfg), "--store", str(store)], PREFECT_API_URL=prefect_api, **env)
+        r = pathflow(["run", "-c", str(cfg), "--store", str(store)], PREFECT_API_URL=prefect_api, COLUMNS="80", **env)
         assert r.returncode == (1 if env else 0), r.stderr
+        said.append(r)
     runs = {json.loads((d / "manifest.json").read_text())["status"]: [] for d in (store / "runs").iterdir()}
     for d in sorted((store / "runs").iterdir()):
         runs[json.loads((d / "manifest.json").read_text())["status"]].append(d.name)
+    store_said[:] = said
     return store, runs
+
+
+store_said: list = []  # the three runs' outputs, in order
+
+
+def test_a_run_says_where_its_results_are_and_when_it_repeats_one(store, prefect_api):
+    """At 80 columns: the summary's headers whole, the report's path and the flow run's page (a server the
+    user runs) at the end; a second run of the same config in the same store is pointed at the first."""
+    import httpx
+
+    s, runs = store
+    first, second = store_said[0], store_said[1]
+    a, b = runs["complete"]
+    out = " ".join(first.stdout.split())
+    assert f"report: {s}/runs/{a}/integrated/report.html" in out
+    assert (s / "runs" / a / "integrated/report.html").is_file()
+    url = next(w for w in out.split() if "/runs/flow-run/" in w)
+    fr = httpx.get(f"{prefect_api}/flow_runs/{url.rsplit('/', 1)[1]}").json()
+    assert url.startswith(prefect_api.removesuffix("/api")) and fr["name"].endswith(a)
+    header = next(line for line in first.stdout.splitlines() if "feature" in line and "prompt" in line)
+    assert "…" not in header and all(w in header for w in ("validated", "Spearman", "top upstream"))
+    table = first.stdout.split(f"\nrun {a} ")[0]
+    assert max(len(line) for line in table.splitlines()) <= 80  # paths after it are whole, however long
+    note = " ".join(second.stderr.split())
+    assert f"run {a} in this store is complete with the same config" in note and f"runs diff {a} {b}" in note
+    assert "same config" not in first.stderr
+    listed = pathflow(["runs", "list", "--store", str(s)], COLUMNS="80").stdout
+    rows = [line for line in listed.splitlines() if a in line or b in line]
+    assert len(rows) == 2 and all(line.count(":") == 1 for line in rows)  # a whole date per line, to the minute
 
 
 def js(args, code=0):
@@ -118,3 +150,16 @@ def test_run_folder_artifact_links_only_where_a_page_exists(monkeypatch, tmp_pat
         "https://s3.console.aws.amazon.com/s3/buckets/bucket?prefix=study/runs/r1/"
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     assert browse_url(Store("s3://bucket/study").run("r1")) is None  # a private S3-compatible server
+
+
+def test_help_and_diff_read_as_they_mean():
+    """Flags show no value in --help (typer 0.29 prints "<bool>" after them); a Zarr array's differing
+    chunks are one row of `runs diff`, files each their own."""
+    from pathflow_cli.runs import _grouped
+
+    r = pathflow(["runs", "diff", "--help"], COLUMNS="100")
+    assert r.returncode == 0 and "--json" in r.stdout and "<bool>" not in r.stdout and "<str>" in r.stdout
+    assert "<int>" not in pathflow(["--help"], COLUMNS="100").stdout  # -v counts: it takes no value either
+    rows = _grouped([{"file": f"jacobians.zarr/grad/c/0/{i}/0", "where": f"chunk {i}"} for i in range(63)]
+                    + [{"file": "integrated/features.json", "where": "features[0].x"}])
+    assert rows == [("jacobians.zarr/grad", "chunk 0", 63), ("integrated/features.json", "features[0].x", 1)]
