@@ -436,6 +436,7 @@ class Graph:
     decision_gradient: float  # ∂decision/∂f_target at the target's position
     replay: dict | None = None  # {feature node: {"predicted", "actual", "decision"}}: each kept feature ablated
     scores: dict | None = None  # how much it explains (``scores``): completeness, circuit-tracer's, faithfulness
+    decision_change: float | None = None  # Δdecision, measured, when the target is ablated at its token
 
 
 class FlatNodes:
@@ -528,7 +529,11 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
             into = _vec(row)[pool]
             incoming[k] = {u: v for u, v in zip(pool_keys, into.tolist()) if v}
     # every kept feature is judged by replay: those the ranking did not measure yet
-    replayed.update(replay_nodes(model, saes, input_ids, state, [k for k in inner if k not in replayed], targets,
+    # and each target itself, for its own measured effect on the decision (one row per target)
+    own = {t.name: ("f", t.layer, t.pos, t.feature) for t in targets
+           if acts.get(("f", t.layer, t.pos, t.feature), 0.0)}
+    replayed.update(replay_nodes(model, saes, input_ids, state,
+                                 list(dict.fromkeys(k for k in [*inner, *own.values()] if k not in replayed)), targets,
                                  (bet, stop), batch_size))
     graphs = []
     decision = float(dec.value[0])
@@ -548,7 +553,10 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
         a_t = acts.get(("f", t.layer, t.pos, t.feature), 0.0)
         sae = saes[t.layer]  # ∂decision/∂f_target: one column of W_D, not the whole row of dense_jacobian
         d_grad = float(dec.resid[t.layer][0, t.pos].to(sae.W_dec.dtype) @ sae.W_dec[:, t.feature]) / sae.scale
-        if a_t * d_grad:
+        own_change = replayed[own[t.name]]["decision"] if t.name in own else None
+        if own_change:  # −Δdecision measured when the target is ablated; a first-order estimate only if not
+            edges[(T, D)] = -own_change
+        elif own_change is None and a_t * d_grad:
             edges[(T, D)] = a_t * d_grad
         # the two outputs weigh half each; a kept node weighs its influence on them
         weight_of = {T: 0.5, D: 0.5, **infl}
@@ -559,7 +567,7 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
                       "actual": replayed[k]["target"].get(t.name, 0.0),
                       "decision": replayed[k]["decision"]} for k in nodes if k in replayed}
         graphs.append(Graph(target=t, nodes=nodes, edges=edges, influence=cum, activation=acts, target_pre=pre,
-                            decision=decision, decision_gradient=d_grad, replay=judged))
+                            decision=decision, decision_gradient=d_grad, replay=judged, decision_change=own_change))
     _score(model, saes, input_ids, state, flat, graphs, dense, (bet, stop))
     return state, graphs, dense
 
@@ -821,7 +829,9 @@ def graph_json(g: Graph, state: PromptState, tokens: list[str], prompt_text: str
                               "replay": _replay_summary(g, rc), "validated_means": validated_sentence(rc),
                               "scores": g.scores,
                               "decision": decision_label, "decision_value": g.decision,
-                              "decision_gradient": g.decision_gradient, **(info or {})}},
+                              "decision_gradient": g.decision_gradient,
+                              # the target's own effect: Δdecision measured when it is ablated at its token
+                              "target_decision_change": g.decision_change, **(info or {})}},
         "qParams": {"pinnedIds": [target_id, logit_id], "supernodes": [], "linkType": "both", "clickedId": target_id,
                     "sg_pos": ""},
         "nodes": list(nodes.values()),

@@ -54,6 +54,19 @@ def _hub_kwargs(name_or_path: str, revision: str | None) -> dict:
     return dict(revision=revision, local_files_only=offline or os.path.isdir(name_or_path), trust_remote_code=False)
 
 
+def check_local_model(name_or_path: str) -> None:
+    """A model given as a path (absolute, or ./ ../ ~) must be a folder: otherwise huggingface_hub would
+    read it as a hub id and say only "Repo id must be in the form…"."""
+    if os.path.isabs(name_or_path) or name_or_path.startswith(("./", "../", "~", ".\\")):
+        path = os.path.expanduser(name_or_path)
+        if not os.path.isdir(path):
+            what = "it is a file, not a folder" if os.path.exists(path) else "no such folder"
+            raise ModelLoadError(
+                f"model folder not found: {path} ({what}; a relative model path in a config is relative to the "
+                "config file's folder, so a config copied elsewhere needs its paths updated; a hub model is named "
+                "owner/name, e.g. meta-llama/Llama-3.1-8B)")
+
+
 def _load_error(name_or_path: str, e: Exception) -> ModelLoadError:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     hint = " (HF_HUB_OFFLINE is set: the model must be in the local cache)" if offline else ""
@@ -64,6 +77,7 @@ def load_tokenizer(name_or_path: str, revision: str | None = None):
     """The model's tokenizer alone (cheap: checks before any model work)."""
     from transformers import AutoTokenizer
 
+    check_local_model(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(name_or_path, **_hub_kwargs(name_or_path, revision))
     except (OSError, ValueError) as e:

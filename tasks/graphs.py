@@ -11,6 +11,7 @@ from prefect.cache_policies import NONE
 
 from pathflow.config import Config
 from pathflow.context import get_context
+from pathflow.feature_examples import feature_file, feature_path, prompt_entries
 from pathflow.graphs import (
     GRAPHS_DIR,
     Target,
@@ -23,20 +24,24 @@ from pathflow.graphs import (
     slug,
     sparse_arrays,
 )
-from pathflow.tokens import token_text
+from pathflow.model import unembed
+from pathflow.tokens import token_text, writes_many
 from storage.arrays import write_prompt_graph
 
 from .common import open_run, step
 
 
 @task(name="graphs", task_run_name="graphs", tags=["gpu"], cache_policy=NONE)
-def attribution_graphs(cfg: Config, store_url: str, run_id: str, targets: list[dict]) -> dict[str, dict[str, str]]:
+def attribution_graphs(cfg: Config, store_url: str, run_id: str, targets: list[dict],
+                       tokens: dict | None = None) -> dict[str, dict[str, str]]:
     """``integrated/graphs/{slug}.json`` for the strongest ``graphs.max_targets`` targets on each
     prompt, and ``graph-metadata.json`` beside them: the folder circuit-tracer's frontend serves;
     ``graphs.zarr``: every position's unpruned node weights of those targets, one group per prompt.
-    Returns {feature: {prompt: slug}}."""
+    ``features/{n}.json``: circuit-tracer's feature file of every feature a graph shows, from
+    ``tokens`` (step 4's records by feature name) where it has one. Returns {feature: {prompt: slug}}."""
     ctx = get_context(cfg)
     run = open_run(store_url, run_id)
+    study = tokens or {}  # step 4's records by name (the prompt loop below names its tokens ``tokens``)
     gc = cfg.graphs
     chosen = graph_targets(targets, gc.max_targets)
     with step(run, "graphs", graphs=len(chosen) * len(ctx.prompt_ids)):
@@ -46,6 +51,7 @@ def attribution_graphs(cfg: Config, store_url: str, run_id: str, targets: list[d
         vocab = len(ctx.tokenizer)
         slugs: dict[str, dict[str, str]] = {}
         metadata = []
+        examples: dict[tuple[int, int], dict[str, tuple]] = {}  # feature -> {prompt: (tokens, positions, values)}
         if chosen:
             saes = ctx.saes_up_to(max(t["layer"] for t in chosen))
             for prompt, ids in ctx.prompt_ids.items():
@@ -74,12 +80,36 @@ def attribution_graphs(cfg: Config, store_url: str, run_id: str, targets: list[d
                     run.write_json(graph_path(s), doc)
                     metadata.append(doc["metadata"])
                     slugs.setdefault(g.target.name, {})[prompt] = s
+                shown = {(k[1], k[3]) for g in graphs for k in g.nodes if k[0] == "f"} | {
+                    (g.target.layer, g.target.feature) for g in graphs}
+                for key, (positions, values) in prompt_entries(state.activations, shown).items():
+                    examples.setdefault(key, {})[prompt] = (tokens, positions, values)
                 del state, graphs, dense  # one prompt's graphs at a time: freed before the next is computed
                 collect_garbage()
+        write_feature_examples(run, ctx, examples, targets, study, scan)
         run.write_json(f"{GRAPHS_DIR}/graph-metadata.json", {"graphs": metadata})
     create_markdown_artifact(key="pathflow-graphs", markdown=graphs_md(run, metadata),
                              description=f"whole-prompt attribution graphs of run {run_id}")
     return slugs
+
+
+def write_feature_examples(run, ctx, examples: dict[tuple[int, int], dict[str, tuple]], targets: list[dict],
+                           study: dict, scan: str) -> None:
+    """circuit-tracer's feature files for every feature the graphs show: step 4's reads and writes for
+    study features (``study``: its records by name), the logit lens computed here for the others, each
+    prompt's activations."""
+    names = {(t["layer"], t["feature_id"]): t["feature"] for t in targets}
+    by_layer: dict[int, list[int]] = {}
+    for layer, fid in examples:
+        if names.get((layer, fid)) not in study:
+            by_layer.setdefault(layer, []).append(fid)
+    norm_w, W_U = unembed(ctx.model)
+    lens = {(layer, fid): w for layer, fids in by_layer.items()
+            for fid, w in zip(fids, writes_many(ctx.saes[layer], fids, norm_w, W_U, ctx.tokenizer))}
+    for (layer, fid), prompts in sorted(examples.items()):
+        record = study.get(names.get((layer, fid)))
+        run.write_json(feature_path(layer, fid), feature_file(
+            layer, fid, scan, prompts, record["writes"] if record else lens[(layer, fid)], record))
 
 
 def graphs_md(run, metadata: list[dict], shown: int = 20) -> str:
@@ -91,9 +121,13 @@ def graphs_md(run, metadata: list[dict], shown: int = 20) -> str:
              "Scores: completeness = the target's attribution carried by SAE features rather than errors; "
              "replacement = circuit-tracer's score of the pruned graph; faithfulness = (m(graph) − m(none)) / "
              "(m(full) − m(none)) with every feature outside the graph ablated, for the target.", "",
+             "The decision is logit(bet) − logit(stop) at the prompt's last token; the last two columns are the "
+             "prompt's own value (the same for every graph of a prompt) and its measured change when the target is "
+             "ablated.", "",
              "| graph | target | features replayed | signs agree | above noise | within factor | validated | "
-             "completeness | replacement | faithfulness | prompt's decision (baseline) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "completeness | replacement | faithfulness | the prompt's decision, baseline | "
+             "Δdecision when the target is ablated |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in metadata[:shown]:
         info, rp = m["info"], m["info"].get("replay") or {}
         counts = " | ".join(str(rp.get(f"n_{k}", "–")) for k in ("sign_agrees", "above_noise", "magnitude_agrees",
@@ -102,8 +136,9 @@ def graphs_md(run, metadata: list[dict], shown: int = 20) -> str:
         vals = (sc.get("completeness", {}).get("target", {}).get("overall"),
                 sc.get("circuit_tracer", {}).get("replacement"), sc.get("faithfulness", {}).get("target"))
         nums = " | ".join("–" if v is None else f"{v:.2f}" for v in vals)
+        own = info.get("target_decision_change")
         lines.append(f"| {m['slug']} | {info['target']} | {rp.get('n_replayed', 0)} | {counts} | {nums} | "
-                     f"{info['decision_value']:+.3f} |")
+                     f"{info['decision_value']:+.3f} | {'–' if own is None else f'{own:+.3f}'} |")
     if len(metadata) > shown:
         lines.append(f"\n… and {len(metadata) - shown} more in `graph-metadata.json`.")
     return "\n".join(lines) + "\n"

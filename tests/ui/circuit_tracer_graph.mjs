@@ -1,16 +1,18 @@
 // Open one of a run's attribution graphs in circuit-tracer's own frontend (served by its
 // local_server) in headless Chromium. The page loads its libraries from sites unreachable here:
 // d3 and jetpack are answered with npm's d3@7 + d3-jetpack, dagre and pako with their npm builds;
-// every other outside request (feature examples) is refused and listed. Prints JSON of what was seen.
+// every other outside request (feature examples) is refused and listed. With OFFLINE "offline", nothing is
+// stood in: every request outside BASE is refused and listed (`pathflow graphs` serves everything itself).
+// Prints JSON of what was seen, the feature panel's titles, logits and examples included.
 // jetpack's CommonJS build is run with d3 (and d3-collection's nest, which d3 v7 dropped) as every module it
 // requires, so it extends the page's d3.
-//   node circuit_tracer_graph.mjs BASE_URL SLUG CLICKED_NODE_ID SCREENSHOT
+//   node circuit_tracer_graph.mjs BASE_URL SLUG CLICKED_NODE_ID SCREENSHOT [OFFLINE]
 import { readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 
-const [base, slug, clicked, shot] = process.argv.slice(2);
+const [base, slug, clicked, shot, offline] = process.argv.slice(2);
 const mods = join(dirname(fileURLToPath(import.meta.url)), "node_modules");
 const js = (path) => ({ status: 200, contentType: "application/javascript", body: readFileSync(join(mods, path)) });
 const jetpack = () => ({ status: 200, contentType: "application/javascript", body:
@@ -44,7 +46,7 @@ page.on("console", (m) => { if (m.type() === "error") seen.console_errors.push(m
 await page.route("**/*", async (route) => {
   const url = route.request().url();
   if (url.startsWith(base)) return route.continue();
-  for (const [pattern, answer] of stand_ins) if (pattern.test(url)) return route.fulfill(answer());
+  if (offline !== "offline") for (const [pattern, answer] of stand_ins) if (pattern.test(url)) return route.fulfill(answer());
   seen.refused.push(url);
   return route.abort();
 });
@@ -66,6 +68,12 @@ try {
                    weight: r.querySelector(".weight").textContent.trim(),
                    background: getComputedStyle(r).backgroundColor })));
   seen.n_nodes = await page.$$eval("circle, rect.node", (e) => e.length);
+  // the feature panel: the clicked node's file (top logits, example contexts), once loaded
+  await page.waitForFunction(() => document.querySelector(".feature-example-list .ctx-container"), null,
+                             { timeout: 10000 }).catch(() => {});
+  seen.logits = await texts(".feature-example-logits .ctx-container");
+  seen.quantiles = await texts(".feature-example-list .quantile-title");
+  seen.examples = await texts(".feature-example-list .ctx-container");
   await page.screenshot({ path: shot, fullPage: true });
 } catch (e) {
   seen.error = String(e);

@@ -1,0 +1,5 @@
+const config = {
+  requirePragma: true,
+};
+
+module.exports = config;
