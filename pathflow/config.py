@@ -50,8 +50,10 @@ FEATURE_NAME_RE = re.compile(r"L\d+-\d+")
 class StudyConfig(_Strict):
     checkpoints: list[str] = Field(default_factory=list, description="files, folders or globs of checkpoint JSON")
     response_logs: list[str] = Field(default_factory=list, description="files, folders or globs of response logs")
-    summary_csv: str | None = None
-    conditions: list[str] = Field(default_factory=lambda: list(REAL_CONDITIONS))
+    summary_csv: str | None = Field(None, description="the study's feature summary CSV (per-context deltas, "
+                                    "classified_as): read where there are no checkpoints")
+    conditions: list[str] = Field(default_factory=lambda: list(REAL_CONDITIONS),
+                                  description="the response logs' condition names (the study's own vocabulary)")
     prompts: str | None = Field(None, description="prompts.json with the study's 'safe' and 'risky' prompts")
     revalidation: list[str] = Field(default_factory=list, description="revalidation JSONL files, folders or globs")
     min_trials: int = Field(30, ge=0, description="warn for a feature/condition with fewer logged trials")
@@ -64,9 +66,10 @@ class StudyConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name_or_path: str = "meta-llama/Llama-3.1-8B"
-    revision: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    name_or_path: str = Field("meta-llama/Llama-3.1-8B", description="a Hugging Face model id or a local folder "
+                              "(relative to the config file when it starts with ./ or ../)")
+    revision: str | None = Field(None, description="the hub revision (branch, tag or commit); null: main")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="the weights' dtype in memory")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
 
     @field_validator("device")
@@ -78,8 +81,10 @@ class ModelConfig(_Strict):
 
 
 class SAEConfig(_Strict):
-    root: str = "fnlp/Llama3_1-8B-Base-LXR-8x"
-    pattern: str = "Llama3_1-8B-Base-L{layer}R-8x"
+    root: str = Field("fnlp/Llama3_1-8B-Base-LXR-8x", description="a local folder or a Hugging Face repo id of "
+                      "LlamaScope-format SAEs; may hold {layer}")
+    pattern: str = Field("Llama3_1-8B-Base-L{layer}R-8x", description="each layer's SAE folder under root, with "
+                         "{layer}")
     threshold: Union[Literal["jumprelu", "zero"], float] = Field("zero", description="jumprelu, zero or a number "
                                                                   "(|value| ≤ 1e6)")
 
@@ -89,7 +94,7 @@ class SAEConfig(_Strict):
         if isinstance(v, float) and abs(v) > 1e6:
             raise ValueError(f"{v!r} is out of range: a threshold is at most 1e6 in magnitude")
         return v
-    revision: str | None = None
+    revision: str | None = Field(None, description="the hub revision of the SAE repo; null: main")
 
     @field_validator("root", "pattern")
     @classmethod
@@ -105,10 +110,11 @@ class SAEConfig(_Strict):
 
 
 class SelectionConfig(_Strict):
-    top_per_layer: int = Field(50, ge=1)
-    rank_by: Literal["cohen_d", "effect_size"] = "cohen_d"
-    layers: list[int] | None = None
-    direction: Literal["safe", "risky"] | None = None
+    top_per_layer: int = Field(50, ge=1, description="causal features traced per layer, the strongest first")
+    rank_by: Literal["cohen_d", "effect_size"] = Field("cohen_d", description="what 'strongest' means: |cohen_d|, "
+                                                       "or the effect size where the study has no cohen_d")
+    layers: list[int] | None = Field(None, description="only these layers; null: every layer")
+    direction: Literal["safe", "risky"] | None = Field(None, description="only features of this class; null: both")
     include: list[str] = Field(default_factory=list, description="features always selected (L{n}-{id})")
     exclude: list[str] = Field(default_factory=list, description="features never selected")
     features: list[str] | None = Field(None, description="trace only these features (L{n}-{id}), whatever their "
@@ -133,9 +139,11 @@ class GradientsConfig(_Strict):
 
 
 class TopkConfig(_Strict):
-    k: int = Field(25, ge=1)
-    score: Literal["attribution", "gradient"] = "attribution"
-    min_abs_gradient: float = Field(0.0, ge=0.0, le=1e9)
+    k: int = Field(25, ge=1, description="upstream candidates kept per target and prompt, then replayed")
+    score: Literal["attribution", "gradient"] = Field("attribution", description="rank candidates by "
+                                                      "|activation × gradient| or by |gradient| alone")
+    min_abs_gradient: float = Field(0.0, ge=0.0, le=1e9, description="drop candidates whose |gradient| is below "
+                                    "this")
 
 
 class ReplayConfig(_Strict):

@@ -240,8 +240,9 @@ def _study(out: Path, rng: random.Random, active: dict[int, list[int]], n_layers
     return {"causal": causal}
 
 
-def write_demo(directory: str | Path = "pathflow-demo", seed: int = 0) -> Path:
+def write_demo(directory: str | Path = "pathflow-demo", seed: int = 0, progress=None) -> Path:
     """Write the demo bundle to ``directory`` (deterministic in ``seed``); returns the config path.
+    ``progress(done, total, what)``, if given, is told before each stage (training, each SAE, the study).
 
     Only into a new or empty folder: the bundle is built in a temporary sibling and renamed into
     place, so an existing config or study is never overwritten and a crash leaves nothing half-written.
@@ -262,7 +263,8 @@ def write_demo(directory: str | Path = "pathflow-demo", seed: int = 0) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
     try:
-        _write_bundle(tmp, seed)
+        with torch.enable_grad():  # it trains a model and fits SAEs, whatever the caller's grad mode
+            _write_bundle(tmp, seed, progress or (lambda done, total, what: None))
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -272,7 +274,7 @@ def write_demo(directory: str | Path = "pathflow-demo", seed: int = 0) -> Path:
     return out / "config.yaml"
 
 
-def _write_bundle(out: Path, seed: int) -> None:
+def _write_bundle(out: Path, seed: int, progress) -> None:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -285,6 +287,8 @@ def _write_bundle(out: Path, seed: int) -> None:
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, tie_word_embeddings=False, initializer_range=0.05)
     model = LlamaForCausalLM(cfg)
+    stages = 2 + cfg.num_hidden_layers
+    progress(0, stages, "training the tiny model")
     loss = _train_model(model, tok, corpus, steps=150, seed=seed)
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
@@ -304,6 +308,7 @@ def _write_bundle(out: Path, seed: int) -> None:
     metrics, active = {"lm_loss": loss, "layers": {}}, {}
     last = {k: torch.tensor([tok(prompts[k]).input_ids]) for k in ("safe", "risky")}
     for layer in range(n_layers):
+        progress(1 + layer, stages, f"fitting the SAE of layer {layer}")
         x = torch.cat(acts[layer])
         x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + layer))[:3072]]
         tensors, m = fit_sae(x, d_sae, steps=250, seed=seed + layer)
@@ -320,11 +325,13 @@ def _write_bundle(out: Path, seed: int) -> None:
             h = resid_post(model, ids, [layer])[layer][0, -1]
             f += torch.relu((s * h) @ tensors["encoder.weight"].T + tensors["encoder.bias"])
         active[layer] = [int(i) for i in torch.argsort(f, descending=True)[:10] if f[i] > 0]
+    progress(1 + n_layers, stages, "writing the study")
     study = out / "study"
     study.mkdir(exist_ok=True)
     (study / "prompts.json").write_text(json.dumps(prompts, indent=2))
     info = _study(study, rng, active, n_layers, d_sae)
-    (out / "demo_metrics.json").write_text(json.dumps({**metrics, **info}, indent=2))
+    (out / "demo_metrics.json").write_text(json.dumps({**metrics, **info, "seed": seed}, indent=2))
+    progress(stages, stages, "done")
     config = {
         "study": {"checkpoints": ["study/checkpoints"], "response_logs": ["study/response_logs"],
                   "prompts": "study/prompts.json"},

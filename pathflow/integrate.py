@@ -9,14 +9,24 @@ from .contrast import summary_columns
 from .report import show_token
 
 
+def decision_of(info_by_slug: dict[str, dict], graphs: dict[str, str], bet: str, stop: str) -> dict:
+    """A feature's decision numbers from its graphs' metadata: the answers, and per prompt the
+    baseline logit(bet) − logit(stop) and its measured change when the feature is ablated at its token."""
+    per = {prompt: {"value": info_by_slug[s].get("decision_value"), "change": info_by_slug[s].get(
+        "target_decision_change")} for prompt, s in graphs.items() if s in info_by_slug}
+    return {"bet": bet, "stop": stop, "prompts": per}
+
+
 def feature_record(selected: dict, study_values: dict, pathways: dict, tokens: dict,
-                   graphs: dict[str, str] | None = None, contrast: dict | None = None) -> dict:
+                   graphs: dict[str, str] | None = None, contrast: dict | None = None,
+                   decision: dict | None = None) -> dict:
     """Join steps 1–4 for one feature.
 
     selected: the step-1 record; study_values: the study's own numbers for the feature;
     pathways: {prompt: {"faithfulness", "candidates": [replayed records]}};
     tokens: the step-4 views of the feature; graphs: {prompt: slug} of its attribution graphs;
-    contrast: its record of ``integrated/contrast/targets.json`` (None when it was not contrasted).
+    contrast: its record of ``integrated/contrast/targets.json`` (None when it was not contrasted);
+    decision: ``decision_of`` its graphs (the decision's baseline and the feature's measured effect on it).
     """
     validated = {prompt: [c for c in p["candidates"] if c["validated"]] for prompt, p in pathways.items()}
     return {
@@ -33,6 +43,7 @@ def feature_record(selected: dict, study_values: dict, pathways: dict, tokens: d
         "tokens": tokens,
         "graphs": graphs or {},
         "contrast": contrast,
+        "decision": decision or {"prompts": {}},
     }
 
 
@@ -51,9 +62,16 @@ def summary_rows(records: list[dict]) -> list[dict]:
                 "top_attribution": top["attribution"] if top else "",
                 "top_promoted_token": r["tokens"]["writes"]["promoted"][0]["token"]
                 if r["tokens"].get("writes") else "",
+                **_decision_columns(r, prompt),
                 **summary_columns(r.get("contrast")),
             })
     return rows
+
+
+def _decision_columns(r: dict, prompt: str) -> dict:
+    d = (r.get("decision") or {}).get("prompts", {}).get(prompt) or {}
+    return {"decision_baseline": d.get("value", ""), "decision_change": "" if d.get("change") is None
+            else d["change"]}
 
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")

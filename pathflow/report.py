@@ -100,11 +100,17 @@ def pathway_view(feature: str, layer: int, candidates: list[dict], width: int = 
             "target": {"x": round(tx, 1), "y": round(ty, 1), "label": feature}, "axis_y": height - 4}
 
 
-def graph_view(doc: dict, max_edges: int = 400) -> dict:
+GRAPH_WIDTH = 1120  # the page's content width: the graph fits it, outputs in view, no sideways scroll
+GRAPH_SHOWN = 80  # edges shown at load; the pruning control shows up to max_edges
+
+
+def graph_view(doc: dict, max_edges: int = 400, width: int = GRAPH_WIDTH) -> dict:
     """A whole-prompt attribution graph (circuit-tracer's JSON, ``pathflow.graphs.graph_json``) as the
-    report draws it: token positions across, layers up (embeddings at the bottom, the decision at
-    the top), edges coloured by activation × gradient (blue raises its target, red lowers it). Only
-    the positions with a node are columns; the ``max_edges`` strongest edges are drawn."""
+    report draws it: token positions across (only those with a node), layers up (embeddings at the
+    bottom, the decision at the top), scaled to ``width``; edges coloured by weight (blue raises its
+    target, red lowers it). The ``max_edges`` strongest edges are drawn, ranked, so the page's pruning
+    control can show the strongest N; ``info`` carries every node's numbers for the click panel, and
+    ``chains`` the strongest multi-hop pathways into the target."""
     md = doc["metadata"]
     tokens = md["prompt_tokens"]
     ids = {n["node_id"]: n for n in doc["nodes"]}
@@ -114,9 +120,10 @@ def graph_view(doc: dict, max_edges: int = 400) -> dict:
     cols = sorted({n["ctx_idx"] for n in shown})
     layers = sorted({int(n["layer"]) for n in shown if n["layer"] != "E"})
     rows = ["E"] + [str(l) for l in layers]  # bottom to top; the logit node's layer is the highest
-    step, left, top, row_h = 24, 70, 24, 46
-    width = left + step * max(1, len(cols)) + 40
-    height = top + row_h * len(rows) + 110
+    left, right, top = 64, 96, 16
+    step = (width - left - right) / max(1, len(cols))
+    row_h = max(14.0, min(46.0, 480 / max(1, len(rows))))
+    height = round(top + row_h * len(rows) + 96)
     col = {c: left + step * (i + 0.5) for i, c in enumerate(cols)}
     row = {r: top + row_h * (len(rows) - 1 - i) + row_h / 2 for i, r in enumerate(rows)}
     # features sharing a (position, layer) cell sit side by side within it
@@ -125,36 +132,90 @@ def graph_view(doc: dict, max_edges: int = 400) -> dict:
         cell.setdefault((n["ctx_idx"], n["layer"]), []).append(n)
     xy = {}
     for (c, layer), group in cell.items():
+        spread = min(7.0, 0.8 * step / max(1, len(group) - 1))
         for i, n in enumerate(group):
-            dx = (i - (len(group) - 1) / 2) * min(7.0, 18.0 / max(1, len(group) - 1)) if len(group) > 1 else 0.0
+            dx = (i - (len(group) - 1) / 2) * spread if len(group) > 1 else 0.0
             xy[n["node_id"]] = (round(col[c] + dx, 1), round(row[layer], 1))
     wmax = max((abs(x["weight"]) for x in links), default=1.0) or 1.0
     edges = []
-    for x in reversed(links):  # the strongest drawn last, on top
+    for rank, x in reversed(list(enumerate(links))):  # the strongest drawn last, on top
         (x1, y1), (x2, y2) = xy[x["source"]], xy[x["target"]]
         edges.append({"x1": x1, "y1": y1, "x2": x2, "y2": y2, "colour": RAISES if x["weight"] >= 0 else LOWERS,
-                      "width": round(0.4 + 4 * abs(x["weight"]) / wmax, 2),
-                      "title": f"{_node_name(ids[x['source']])} → {_node_name(ids[x['target']])}: "
-                               f"activation × gradient {x['weight']:+.3g}"})
-    nodes = []
+                      "width": round(0.4 + 4 * abs(x["weight"]) / wmax, 2), "rank": rank,
+                      "source": x["source"], "target": x["target"],
+                      "title": f"{_node_name(ids[x['source']])} → {_node_name(ids[x['target']])}: {x['weight']:+.3g}"})
+    target_id, decision_id = doc["qParams"]["pinnedIds"][:2]
+    nodes, info = [], {}
     for n in shown:
         kind = {"embedding": "embedding", "logit": "decision", "mlp reconstruction error": "error"}.get(
             n["feature_type"], "feature")
-        if n["node_id"] == doc["qParams"]["pinnedIds"][0]:
+        if n["node_id"] == target_id:
             kind = "target"
         x, y = xy[n["node_id"]]
-        nodes.append({"x": x, "y": y, "kind": kind, "validated": n.get("validated", True),
-                      "title": _node_name(n) + (f" at “{show_token(tokens[n['ctx_idx']])}”" if kind != "decision"
-                                                else "") + (f" · {n['clerp']}" if n.get("clerp") else "")})
-    axis = [{"x": round(col[c], 1), "y": height - 100, "label": show_token(tokens[c])[:14]} for c in cols]
+        at = "" if kind == "decision" else f" at “{show_token(tokens[n['ctx_idx']])}” (token {n['ctx_idx']})"
+        nodes.append({"x": x, "y": y, "kind": kind, "id": n["node_id"], "validated": n.get("validated", True),
+                      "label": _node_name(n) + at})
+        info[n["node_id"]] = {k: v for k, v in {
+            "name": _node_name(n), "at": at.strip(), "kind": kind, "activation": n.get("activation"),
+            "influence": n.get("influence"), "predicted": n.get("predicted_change"),
+            "replayed": n.get("replayed_change"), "decision": n.get("replayed_decision_change"),
+            "checks": [n[c] for c in ("sign_agrees", "above_noise", "magnitude_agrees", "validated")]
+            if "validated" in n else None}.items() if v is not None}
+    every = max(1, math.ceil(11 / step))  # a token label every `every` columns: they never overlap
+    axis = [{"x": round(col[c], 1), "y": height - 84, "label": show_token(tokens[c])[:14]}
+            for i, c in enumerate(cols) if i % every == 0 or c == ids[target_id]["ctx_idx"]]
     ylabels = [{"y": round(row[r], 1), "label": "emb" if r == "E" else
                 ("decision" if r == str(max(layers, default=0)) and any(n["feature_type"] == "logit" and
                                                                         n["layer"] == r for n in shown)
                  else f"L{r}")} for r in rows]
+    outputs = [{"x": xy[i][0] + 10, "y": xy[i][1] + 4, "label": label} for i, label in
+               ((target_id, _node_name(ids[target_id])), (decision_id, "decision")) if i in xy]
     return {"width": width, "height": height, "edges": edges, "nodes": nodes, "axis": axis, "ylabels": ylabels,
+            "outputs": outputs, "info": info, "shown": min(GRAPH_SHOWN, len(links)),
             "slug": md["slug"], "n_edges": len(doc["links"]), "n_drawn": len(links),
-            "replay": (md.get("info") or {}).get("replay") or {},
+            "chains": chains(doc), "replay": (md.get("info") or {}).get("replay") or {},
             "scores": score_view((md.get("info") or {}).get("scores"))}
+
+
+def chains(doc: dict, top: int = 8, beam: int = 64) -> list[dict]:
+    """The strongest multi-hop pathways into a graph's target: chains of SAE features s → m … → target
+    of two or three links, each link in the graph.
+
+    A chain's strength is its first-order share of the target's pre-activation: a link's weight w(u→v)
+    is v's change when u is ablated, so through an intermediate m it scales by w(m→next)/a_m (the next
+    node's change per unit of m's activation): strength = w(s→m1) · Π w(m_i→m_i+1)/a_m_i. Positive
+    chains raise the target. Each feature on a chain carries replay's verdict on its own effect."""
+    target = doc["qParams"]["pinnedIds"][0]
+    feats = {n["node_id"]: n for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"}
+    into: dict[str, list[tuple[str, float]]] = {}
+    for x in doc["links"]:
+        if x["source"] in feats and x["target"] in feats and x["weight"]:
+            into.setdefault(x["target"], []).append((x["source"], x["weight"]))
+
+    def extend(paths):  # [(nodes from the first to the target, strength)] one link further upstream
+        out = []
+        for nodes, strength in paths:
+            head = feats[nodes[0]]
+            a = head.get("activation") or 0.0
+            if not a:
+                continue
+            out += [([s] + nodes, w * strength / a) for s, w in into.get(nodes[0], []) if s not in nodes]
+        return sorted(out, key=lambda p: -abs(p[1]))[:beam]
+
+    one = [([s, target], w) for s, w in into.get(target, [])]
+    found = extend(one)  # two links
+    found += extend(found)  # three
+    best = sorted(found, key=lambda p: -abs(p[1]))[:top]
+    tokens = doc["metadata"]["prompt_tokens"]
+    at, out = feats[target]["ctx_idx"], []
+    for nodes, strength in best:
+        steps = [{"name": _node_name(feats[i]), "token": show_token(tokens[feats[i]["ctx_idx"]])
+                  if feats[i]["ctx_idx"] != at else None,
+                  "validated": feats[i].get("validated") if i != target else None} for i in nodes]
+        judged = [st["validated"] for st in steps[:-1] if st["validated"] is not None]
+        out.append({"steps": steps, "strength": strength,
+                    "verdict": None if not judged else all(judged)})
+    return out
 
 
 def score_view(s: dict | None) -> dict | None:
@@ -216,7 +277,7 @@ def histogram_view(hist: dict | None, width: int = 380, height: int = 170) -> di
     if not hist or not hist.get("n_active"):
         return None
     counts, edges = hist["counts"], hist["edges"]
-    x0, x1, y0, y1 = 44, width - 10, height - 34, 10
+    x0, x1, y0, y1 = 52, width - 10, height - 34, 10
     top = max(counts) or 1
     bw = (x1 - x0) / len(counts)
     bars = [{"x": round(x0 + i * bw, 1), "w": round(max(bw - 1, 0.5), 1), "y": round(y0 - (y0 - y1) * n / top, 1),
@@ -375,13 +436,68 @@ def feature_page(r: dict, run_id: str, neuronpedia_url: str | None = None, trace
                         "graph_view": graph_view(graphs[prompt]) if graphs and prompt in graphs else None})
     changes = [{"patched": contrast_name(k)[0], "baseline": contrast_name(k)[1], **v}
                for k, v in (t.get("changes") or {}).items()]
-    study = [(k, v) for k, v in (r.get("study") or {}).items() if not isinstance(v, (dict, list))]
+    study = study_rows(r.get("study") or {})
     return _env().get_template("feature.html.j2").render(
         r=r, run_id=run_id, prompts=prompts, reads=reads, top_read=top_read, colour=activation_colour,
         histogram=histogram_view(t.get("histogram")), writes=t.get("writes"), changes=changes, study=study,
         scatter=scatter_view(_points(r)), effect=effect, traced=traced or set(),
         neuronpedia=feature_url(neuronpedia_url, r), validated_means=validated_means,
-        contrast=contrast_section(r.get("contrast"), alignment))
+        contrast=contrast_section(r.get("contrast"), alignment), decision=decision_view(r))
+
+
+def decision_view(r: dict) -> dict | None:
+    """The decision section of a feature page: the answers, and per prompt the baseline, p(bet over
+    stop) and the feature's own measured effect (None where the feature has no graphs)."""
+    d = r.get("decision") or {}
+    rows = [{"prompt": p, "value": x.get("value"), "change": x.get("change"),
+             "p_bet": 0.5 * (1 + math.tanh(x["value"] / 2)) if x.get("value") is not None else None}
+            for p, x in (d.get("prompts") or {}).items()]
+    return {"bet": d.get("bet", "1"), "stop": d.get("stop", "2"), "rows": rows} if rows else None
+
+
+def read_snippet(hit: dict, chars: int = 16) -> str:
+    """A top activation in a few words: its token marked ⟦…⟧ with up to ``chars`` characters either side
+    (a lone token is often a space or a newline, which says nothing in a table)."""
+    ctx = hit.get("context") or f"⟦{hit['token']}⟧"
+    a, b = ctx.find("⟦"), ctx.find("⟧")
+    if a < 0 or b < a:
+        return ctx[: 2 * chars]
+    before, after = ctx[:a], ctx[b + 1:]
+    return (("…" + before[-chars:]) if len(before) > chars else before) + ctx[a:b + 1] + (
+        (after[:chars] + "…") if len(after) > chars else after)
+
+
+# the study's own numbers (DESIGN §4), said in words; {p} is the prompt the number is about
+STUDY_LABELS = {
+    "cohen_d": ("Cohen's d of the patch's effect", "{:+.3g}"),
+    "is_causal": ("causal in the study", "{}"),
+    "classified_as": ("the study's class", "{}"),
+    "stop_delta": ("stop rate under the patch − baseline, {p} prompt", "{:+.1%}"),
+    "risky_stop_delta": ("risky-stop rate under the patch − baseline, {p} prompt", "{:+.1%}"),
+    "bankruptcy_delta": ("bankruptcy rate under the patch − baseline, {p} prompt", "{:+.1%}"),
+    "bet_delta": ("mean bet under the patch − baseline, {p} prompt ($)", "{:+.3g}"),
+    "avg_bet_delta": ("mean bet under the patch − baseline, {p} prompt ($)", "{:+.3g}"),
+    "p_value": ("p-value of the patch's effect, {p} prompt", "{:.3g}"),
+    "effect_size": ("effect size of the patch, {p} prompt", "{:+.3g}"),
+}
+
+
+def study_rows(values: dict) -> list[tuple[str, str, str]]:
+    """(what it is, the value, the study's own key) for each of the study's numbers of a feature: known
+    keys in words with their unit (rates as percentage points), others as the study names them."""
+    out = []
+    for k, v in values.items():
+        if isinstance(v, (dict, list)):
+            continue
+        prompt, _, rest = k.partition("_")
+        label, spec = (STUDY_LABELS.get(rest) if prompt in ("safe", "risky") else None) or STUDY_LABELS.get(k) or (
+            k, "{:.4g}" if isinstance(v, float) else "{}")
+        try:
+            shown = spec.format(v) if v is not None else "–"
+        except (ValueError, TypeError):
+            shown = str(v)
+        out.append((label.format(p=prompt), shown, k))
+    return out
 
 
 def index_rows(records: list[dict]) -> tuple[list[str], list[dict]]:
@@ -398,11 +514,13 @@ def index_rows(records: list[dict]) -> tuple[list[str], list[dict]]:
             "per_prompt": {p: {"n_validated": len(r["pathways"][p]), "n_candidates": f["n_candidates"],
                                **{k: f.get(k) for k in ("n_sign_agrees", "n_above_noise", "n_magnitude_agrees")},
                                "sign_agreement": f["sign_agreement"], "spearman": f["spearman"],
-                               "validated": f["validated"]} for p, f in r["faithfulness"].items()},
+                               "validated": f["validated"],
+                               "decision_change": ((r.get("decision") or {}).get("prompts", {}).get(p) or {}).get(
+                                   "change")} for p, f in r["faithfulness"].items()},
             "validated": all(f["validated"] for f in r["faithfulness"].values()),
             "top_upstream": top["feature"] if top else "", "top_effect": effect(top) if top else None,
             "promotes": t["writes"]["promoted"][0]["token"] if t.get("writes") and t["writes"]["promoted"] else None,
-            "reads": t["reads"][0]["token"] if t.get("reads") else None,
+            "reads": read_snippet(t["reads"][0]) if t.get("reads") else None,
         })
     return prompts, rows
 
@@ -418,7 +536,9 @@ def index_page(records: list[dict], run_id: str, validated_means: str = "", stud
     return _env().get_template("index.html.j2").render(
         run_id=run_id, rows=rows, prompts=prompts, n_points=len(points), agree=agree,
         bars=bars_view(by_layer), scatter=scatter_view(points),
-        rank_key=rows[0]["rank_key"] if rows else "rank", validated_means=validated_means, has_study=study)
+        rank_key=rows[0]["rank_key"] if rows else "rank", validated_means=validated_means, has_study=study,
+        bet=next((r["decision"]["bet"] for r in records if (r.get("decision") or {}).get("bet")), "1"),
+        stop=next((r["decision"]["stop"] for r in records if (r.get("decision") or {}).get("stop")), "2"))
 
 
 def report_pages(records: list[dict], run_id: str, neuronpedia_url: str | None = None,

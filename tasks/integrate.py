@@ -7,8 +7,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from pathflow.config import Config
-from pathflow.graphs import graph_path
-from pathflow.integrate import feature_record, report_md, summary_rows, to_csv
+from pathflow.graphs import GRAPHS_DIR, graph_path
+from pathflow.integrate import decision_of, feature_record, report_md, summary_rows, to_csv
 from pathflow.replay import validated_sentence
 from pathflow.report import report_pages
 
@@ -16,8 +16,13 @@ from .common import browse_url, open_run, step
 
 TABLE_ROWS = 50  # the UI's table stays readable; integrated/summary.csv has every row
 REPORT_FEATURES = 20  # features in the markdown artifact; integrated/report.md and the report pages have all
-TABLE_COLUMNS = ("feature", "direction", "prompt", "n_validated", "n_sign_agrees", "n_above_noise",
-                 "n_magnitude_agrees", "n_candidates", "sign_agreement", "spearman", "top_upstream")
+# summary.csv's columns the table shows, each under a header that says what it is
+TABLE_COLUMNS = {"feature": "feature", "direction": "direction", "prompt": "prompt",
+                 "n_candidates": "candidates replayed", "n_validated": "validated",
+                 "n_sign_agrees": "signs agree", "n_above_noise": "above the noise floor",
+                 "n_magnitude_agrees": "within the factor", "sign_agreement": "sign agreement (share)",
+                 "spearman": "Spearman, predicted vs replayed", "top_upstream": "strongest validated upstream",
+                 "decision_change": "Δ logit(bet) − logit(stop) when the feature is ablated"}
 
 
 def contrast_files(run) -> dict | None:
@@ -32,7 +37,8 @@ def contrast_files(run) -> dict | None:
 
 def table_rows(rows: list[dict], limit: int) -> list[dict]:
     """Summary rows for a Prefect table artifact: the columns that fit a screen, numbers to 3 digits."""
-    return [{k: round(r[k], 3) if isinstance(r[k], float) else r[k] for k in TABLE_COLUMNS} for r in rows[:limit]]
+    return [{label: round(r.get(k, ""), 3) if isinstance(r.get(k), float) else r.get(k, "")
+             for k, label in TABLE_COLUMNS.items()} for r in rows[:limit]]
 
 
 def table_description(run, n_rows: int) -> str:
@@ -53,8 +59,12 @@ def integrate_features(cfg: Config, store_url: str, run_id: str, targets: list[d
     run = open_run(store_url, run_id)
     graphs, contrast = graphs or {}, contrast or {}
     with step(run, "integrate"):
+        listed = f"{GRAPHS_DIR}/graph-metadata.json"
+        infos = {m["slug"]: m.get("info") or {} for m in run.read_json(listed)["graphs"]} if run.exists(listed) else {}
         records = [feature_record(t, study[t["feature"]]["values"], pathways[t["feature"]], tokens[t["feature"]],
-                                  graphs.get(t["feature"], {}), contrast.get(t["feature"])) for t in targets]
+                                  graphs.get(t["feature"], {}), contrast.get(t["feature"]),
+                                  decision_of(infos, graphs.get(t["feature"], {}), cfg.decision.bet, cfg.decision.stop))
+                   for t in targets]
         rows = summary_rows(records)
         run.write_json("integrated/features.json", {"run_id": run_id, "features": records})
         run.write_text("integrated/summary.csv", to_csv(rows))

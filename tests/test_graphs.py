@@ -261,7 +261,21 @@ def test_prompt_graphs_are_pathways_not_stars(ctx):
     assert {s[2] for s in g.nodes if s[0] == "f"} - {p}, "every feature at the target's own position"
     sources = {s for s, _ in g.edges}
     assert all(k in sources for k in g.nodes if k[0] in ("f", "e"))
-    assert (("t",), ("D",)) in g.edges or g.decision_gradient * g.activation.get(("f", 3, p, 56), 0.0) == 0
+    # the target's own link to the decision: −Δdecision measured by a forward with the target ablated
+    a_t = g.activation[("f", 3, p, 56)]
+
+    def ablate(h, d=saes[3].decoder_direction(56) * a_t):
+        h = h.clone()
+        h[:, p] -= d
+        return h
+
+    with torch.no_grad():
+        base = ctx.model(ids).logits[0, -1]
+        with resid_hooks(ctx.model, edits={3: ablate}):
+            moved = ctx.model(ids).logits[0, -1]
+    want = float((moved[BET] - moved[STOP]) - (base[BET] - base[STOP]))
+    assert g.decision_change == pytest.approx(want, abs=1e-4) and want
+    assert g.edges.get((("t",), ("D",))) == pytest.approx(-want, abs=1e-4)
     assert sum(k[0] in ("f", "e") for k in g.nodes) <= 60
     # replay judged every kept feature, at its own position; most agree with the gradient in sign
     assert {k for k in g.nodes if k[0] == "f"} <= set(g.replay)
