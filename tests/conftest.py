@@ -25,10 +25,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory):
-    """A real `prefect server start` on loopback (SQLite), for runs that report to an API."""
-    home = tmp_path_factory.mktemp("prefect-home")
+@contextmanager
+def prefect_server(home: Path):
+    """A real `prefect server start` on loopback (SQLite in ``home``), healthy; yields its API URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     proc = subprocess.Popen(
@@ -53,6 +52,13 @@ def prefect_api(tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A real `prefect server start` on loopback (SQLite), for runs that report to an API."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-home")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

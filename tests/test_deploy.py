@@ -2,6 +2,7 @@
 worker, `prefect deployment run`, and the run's artifacts found through the Prefect API."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -189,3 +190,35 @@ def test_gpu_deployments_and_pool_template(prefect_api):
         assert gpus["Count"] == -1 and gpus["Capabilities"] == [["gpu"]] and gpus["Driver"] == "nvidia"
         assert host["ShmSize"] == 16 * 2**30
     assert deployed.env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+def test_deploy_readme_works_verbatim_on_an_empty_server(tmp_path):
+    """deploy/README.md's "everything at once" block, run as written from the project root against a
+    fresh Prefect server, registers every deployment of prefect.yaml on the pools it creates — and a second
+    time too (safe to repeat). Without the pools first, Prefect refuses, as the README says."""
+    import yaml
+
+    from .conftest import prefect_server
+
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    block = re.search(r"<!-- deploy-all[^>]*-->\n```bash\n(.*?)```", readme, re.S).group(1)
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    pools = {d["work_pool"]["name"] for d in spec["deployments"]}
+    with prefect_server(tmp_path / "prefect-home") as api:
+        env = clean_env(PREFECT_API_URL=api, DOCKER_HOST="unix:///nonexistent/docker.sock")
+        if subprocess.run(["git", "remote", "get-url", "origin"], cwd=ROOT, capture_output=True).returncode:
+            env["PATHFLOW_GIT_URL"] = "https://git.example/pathflow.git"  # a checkout without origin (the README says)
+        r = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "-n", "pathways-gpu"], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and "does not exist" in " ".join((r.stdout + r.stderr).split())
+        bin_dir = str(Path(sys.executable).parent)  # `prefect` as a person's shell finds it
+        env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+        for attempt in (1, 2):
+            r = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=900)
+            assert r.returncode == 0, (attempt, r.stdout[-3000:], r.stderr[-3000:])
+            registered = {d["name"]: d for d in httpx.post(f"{api}/deployments/filter", json={}).json()}
+            assert set(registered) == {d["name"] for d in spec["deployments"]}, attempt
+            assert {p["name"] for p in httpx.post(f"{api}/work_pools/filter", json={}).json()} >= pools
+            for d in spec["deployments"]:
+                assert registered[d["name"]]["work_pool_name"] == d["work_pool"]["name"]

@@ -136,6 +136,8 @@ def test_resume_after_sigkill_recomputes_only_missing_batches(demo_cfg, tmp_path
     r = run_cli(["run", "--resume", run_dir.name, "--store", str(store)], PREFECT_API_URL=prefect_api)
     out = r.communicate(timeout=300)[0]
     assert r.returncode == 0, out
+    assert f"resuming run {run_dir.name}: {len(before)} of 6 pathway batches are finished and kept" in " ".join(
+        out.split()), out  # says what it reuses
     after = batch_markers(run_dir)
     assert len(after) == 6
     for name, marker in before.items():

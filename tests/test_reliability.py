@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pathflow import cli
+import pathflow_cli as cli
 
 from .runs import write_cfg
 
@@ -319,6 +319,20 @@ def test_demo_never_overwrites_a_folder(tmp_path, capsys):
     code, out = call(["demo", d], capsys)
     one_line_error(code, out, "exists and is not empty")
     assert tree(d) == before and [p.name for p in tmp_path.iterdir()] == ["mine"]  # no temporary left
+
+
+def test_demo_is_safe_to_repeat(demo_dir, tmp_path, capsys):
+    """`pathflow demo DIR` on a folder that already holds the bundle of that seed writes nothing and exits
+    0 (deploy/README runs it before every deployment run); another seed there is refused, nothing changed."""
+    d = tmp_path / "pathflow-demo"
+    shutil.copytree(demo_dir, d)
+    before = tree(d)
+    code, out = call(["demo", d], capsys)
+    assert code == 0 and "already in" in out and "Traceback" not in out, out
+    assert tree(d) == before
+    code, out = call(["demo", d, "--seed", "1"], capsys)
+    one_line_error(code, out, "exists and is not empty")
+    assert tree(d) == before
 
 
 @pytest.mark.parametrize("url,needle", [
