@@ -109,15 +109,18 @@ def scores(true: torch.Tensor, pred: torch.Tensor, at_target: torch.Tensor) -> d
 
 
 def evaluate(model, saes, prompts: dict[str, torch.Tensor], targets_of, methods: list[tuple[str, int]],
-             batch_size: int, bet: int, stop: int) -> dict:
-    """{method label: {score: mean, score_worst: min, seconds_per_target}} over every (prompt, target)."""
+             batch_size: int, bet: int, stop: int, firsts: dict[str, int] | None = None) -> dict:
+    """{method label: {score: mean, score_worst: min, seconds_per_target}} over every (prompt, target).
+    ``firsts``: per prompt, the positions before which nothing is a node (graphs.zero_bos), for the
+    ground truth and the methods alike."""
     results: dict[str, list[dict]] = {}
     seconds: dict[str, float] = {}
     truth_seconds = 0.0
     n_graphs = 0
     for prompt, ids in prompts.items():
         targets = targets_of(ids)
-        state = prompt_state(model, saes, ids)
+        first = (firsts or {}).get(prompt, 0)
+        state = prompt_state(model, saes, ids, first=first)
         flat = FlatNodes(state)
         entries = [flat.key(i) for i in range(flat.m)]
         acts = state.activations
@@ -128,7 +131,8 @@ def evaluate(model, saes, prompts: dict[str, torch.Tensor], targets_of, methods:
         for method, top in methods:
             label = f"{method}" + (f"+replay{top}" if top else "")
             t0 = time.perf_counter()
-            _, _, _, dense, _, _ = output_weights(model, saes, ids, targets, bet, stop, method, top, batch_size)
+            _, _, _, dense, _, _ = output_weights(model, saes, ids, targets, bet, stop, method, top, batch_size,
+                                                  first)
             seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - t0
             for j, (t, row) in enumerate(zip(targets, dense["targets"])):
                 live = (flat.layer[:flat.m] < t.layer) & (flat.pos[:flat.m] <= t.pos)
@@ -158,11 +162,11 @@ def print_table(res: dict, title: str) -> None:
         print(f"{label:<20}{cells}{r['seconds_per_target']:>10.3f}")
 
 
-def demo_case(demo: Path | None, n_targets: int):
+def demo_case(demo: Path | None, n_targets: int, zero_bos: bool = True):
     from pathflow.config import load_config
     from pathflow.context import get_context
     from pathflow.demo import write_demo
-    from pathflow.graphs import decision_ids
+    from pathflow.graphs import bos_positions, decision_ids
     from pathflow.study import audit, select
 
     if demo is None or not (demo / "config.yaml").is_file():
@@ -178,7 +182,8 @@ def demo_case(demo: Path | None, n_targets: int):
     def targets_of(ids):
         return [Target(t["feature"], t["layer"], t["feature_id"], ids.shape[1] - 1) for t in chosen]
 
-    return ctx.model, saes, dict(ctx.prompt_ids), targets_of, bet, stop
+    firsts = {p: bos_positions(ctx.tokenizer, ids, zero_bos) for p, ids in ctx.prompt_ids.items()}
+    return ctx.model, saes, dict(ctx.prompt_ids), targets_of, bet, stop, firsts
 
 
 def main(argv=None) -> dict:
@@ -189,6 +194,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--replay-top", type=int, nargs="+", default=[0, 50, 100], help="replay budgets to compare")
     ap.add_argument("--methods", nargs="+", default=["gradient", "norm"])
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--keep-bos", action="store_true", help="the BOS position's features as nodes too (graphs.zero_bos "
+                    "false); by default, as in a run, they are not nodes, for the truth and the methods alike")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
@@ -196,13 +203,14 @@ def main(argv=None) -> dict:
         from planted import planted_case
 
         model, saes, ids, target, node = planted_case()
-        prompts, targets_of, bet, stop = {"planted": ids}, (lambda _ids: [target]), 1, 2
+        prompts, targets_of, bet, stop, firsts = {"planted": ids}, (lambda _ids: [target]), 1, 2, {}
         title = f"planted massive activation {node} → {target.name}"
     else:
-        model, saes, prompts, targets_of, bet, stop = demo_case(args.demo, args.targets)
-        title = f"demo bundle, {args.targets} targets × {len(prompts)} prompts"
+        model, saes, prompts, targets_of, bet, stop, firsts = demo_case(args.demo, args.targets, not args.keep_bos)
+        title = f"demo bundle, {args.targets} targets × {len(prompts)} prompts" + (
+            ", BOS features not nodes (graphs.zero_bos)" if any(firsts.values()) else "")
     methods = [(m, k) for m in args.methods for k in args.replay_top]
-    res = evaluate(model, saes, prompts, targets_of, methods, args.batch_size, bet, stop)
+    res = evaluate(model, saes, prompts, targets_of, methods, args.batch_size, bet, stop, firsts)
     print_table(res, title)
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))

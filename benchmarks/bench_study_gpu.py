@@ -32,7 +32,7 @@ from bench_pathways import PRESETS, make_model, make_sae, peak_memory, sync  # n
 
 from pathflow.config import ReplayConfig  # noqa: E402
 from pathflow.demo import _corpus, _game_prompt, _tokenizer  # noqa: E402
-from pathflow.graphs import Target, answer_id, prompt_graphs  # noqa: E402
+from pathflow.graphs import Target, answer_id, bos_positions, prompt_graphs  # noqa: E402
 from pathflow.model import prefix_cache  # noqa: E402
 from pathflow.pathways import phase_a, phase_b, phase_c, plan_batches  # noqa: E402
 from pathflow.tokens import feature_reads, reading_plan  # noqa: E402
@@ -147,7 +147,8 @@ def main(argv=None) -> dict:
             chosen = [Target(t["feature"], t["layer"], t["feature_id"], int(v.shape[1]) - 1) for t in graphed]
             _, graphs, _ = prompt_graphs(model, {l: saes[l] for l in range(max(t.layer for t in chosen) + 1)}, v,
                                          chosen, bet, stop, max_nodes=200, batch_size=GraphsConfig().batch_size,
-                                         method=method, replay_top=replay_top)
+                                         method=method, replay_top=replay_top,
+                                         first=bos_positions(tok, v, GraphsConfig().zero_bos))
             nodes += [len(g.nodes) for g in graphs]
             del graphs
         sync(device)

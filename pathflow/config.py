@@ -213,6 +213,11 @@ class GraphsConfig(_Strict):
                            "influential")
     batch_size: int = Field(16, ge=1, description="outputs per batched backward over the whole prompt (one forward, "
                             "a vmapped backward); replays take twice as many rows a forward")
+    zero_bos: bool = Field(True, description="a prompt that opens with a special token (LLaMA's "
+                           "<|begin_of_text|>) has no feature or error nodes there, as circuit-tracer's zero_bos: "
+                           "that position sees only itself, so its features are the same for every prompt, and "
+                           "LLaMA's massive activations there would fill the graphs with nodes that say nothing "
+                           "about the prompt (and cost a whole-prompt replay each). Its token embedding stays a node")
     scan: str | None = Field(None, description="the SAE release the graphs name in circuit-tracer's 'scan' "
                              "(default: sae.root's last part and sae.pattern, e.g. "
                              "Llama-Scope/Llama3_1-8B-Base-LXR-8x)")

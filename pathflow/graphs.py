@@ -58,6 +58,7 @@ class PromptState:
                                   for attribution.method "norm"; None for "gradient"
     read_layer: [R]               the decoder layer of each read (an edit of layer l reaches reads > l)
     read_gamma: [R, d_model], read_eps: [R]   each read's scale and ε
+    first:      positions before it are not nodes (features or errors): circuit-tracer's zero_bos
     """
 
     ids: list[int]
@@ -68,6 +69,7 @@ class PromptState:
     read_layer: torch.Tensor | None = None
     read_gamma: torch.Tensor | None = None
     read_eps: torch.Tensor | None = None
+    first: int = 0
 
     _by_position: dict = field(default_factory=dict, repr=False)
 
@@ -102,9 +104,11 @@ class PromptState:
 
 
 @torch.no_grad()
-def prompt_state(model, saes: dict[int, SAE], input_ids: torch.Tensor, norms: bool = False) -> PromptState:
+def prompt_state(model, saes: dict[int, SAE], input_ids: torch.Tensor, norms: bool = False,
+                 first: int = 0) -> PromptState:
     """Run ``input_ids`` [1, n] once; encode every layer in ``saes`` at every position. With ``norms``,
-    also keep every RMSNorm read's input (the whole forward runs, for the final norm)."""
+    also keep every RMSNorm read's input (the whole forward runs, for the final norm). Positions before
+    ``first`` hold no feature nodes (``bos_positions``); their errors are kept as computed, for splices."""
     layers = sorted(saes)
     emb = model.get_input_embeddings()(input_ids)[0]
     reads = norm_reads(model) if norms else []
@@ -115,10 +119,11 @@ def prompt_state(model, saes: dict[int, SAE], input_ids: torch.Tensor, norms: bo
     for l in layers:
         h = hs[l][0].to(saes[l].W_enc.dtype)  # [n, d_model]
         f = saes[l].encode(h)  # [n, d_sae]
+        err[l] = h - saes[l].decode(f)
+        f[:first] = 0
         pos, feat = f.nonzero(as_tuple=True)
         acts[l] = (pos, feat, f[pos, feat])
-        err[l] = h - saes[l].decode(f)
-    state = PromptState(ids=input_ids[0].tolist(), emb=emb, acts=acts, err=err)
+    state = PromptState(ids=input_ids[0].tolist(), emb=emb, acts=acts, err=err, first=first)
     if norms:
         state.reads = torch.stack([x[0].float() for x in xs])
         state.read_layer = torch.tensor([k for _, k in reads], device=emb.device)
@@ -269,7 +274,8 @@ def node_weights(state: PromptState, saes: dict[int, SAE], grads: Gradients) -> 
         else:
             feature[l] = first[l]
         e = (g * state.err[l][None]).sum(-1)  # [k, n]
-        error[l] = torch.where((layer_of[:, None] > l) & (torch.arange(n, device=device)[None] <= pos_of[:, None]), e,
+        q = torch.arange(n, device=device)[None]
+        error[l] = torch.where((layer_of[:, None] > l) & (q <= pos_of[:, None]) & (q >= state.first), e,
                                torch.zeros_like(e)).float()
     emb = (grads.emb * state.emb[None].to(grads.emb.dtype)).sum(-1).float()
     return NodeWeights(feature=feature, error=error, emb=emb, gradient=first)
@@ -490,16 +496,16 @@ def _batches(items: list, size: int):
 def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets: list[Target], bet: int, stop: int,
                   node_threshold: float = 0.8, edge_threshold: float = 0.98, max_nodes: int | None = None,
                   batch_size: int = 8, method: str = "gradient",
-                  replay_top: int = 0) -> tuple[PromptState, list[Graph], dict]:
+                  replay_top: int = 0, first: int = 0) -> tuple[PromptState, list[Graph], dict]:
     """Every target's graph on one prompt ``input_ids`` [1, n]. ``saes``: every layer up to the
     highest target's. The outputs' weights over every node (``output_weights``: ``method``, then the
     ``replay_top`` strongest features of each output replayed and ranked by their measured change),
     a graph per target pruned on them, the edges between its kept nodes (a batched backward per kept
     feature, each once however many graphs share it) and the kept nodes' replays. Also returns every
     target's (and the decision's) weights over all active entries, unpruned, on the CPU
-    (``sparse_arrays``)."""
+    (``sparse_arrays``). Positions before ``first`` hold no nodes but the embedding (``bos_positions``)."""
     state, flat, dec, dense, values, replayed = output_weights(model, saes, input_ids, targets, bet, stop, method,
-                                                               replay_top, batch_size)
+                                                               replay_top, batch_size, first)
     acts = state.activations
     embedding = flat.is_embedding()
     dec_vec = _vec(dense["decision"])
@@ -580,7 +586,7 @@ def _score(model, saes, input_ids, state: PromptState, flat: FlatNodes, graphs: 
 
     layers = sorted(state.acts)
     layer_of = flat.layer[:flat.m]
-    faith = scores.faithfulness(model, saes, input_ids, state.err, graphs, decision) if graphs else []
+    faith = scores.faithfulness(model, saes, input_ids, state.err, graphs, decision, state.first) if graphs else []
     dec_c = scores.completeness(dense["decision"], layer_of, layers)
     for g, row, f in zip(graphs, dense["targets"], faith):
         adj, layout = scores.graph_matrix(g.nodes, g.edges, len(layers), len(state.ids))
@@ -589,7 +595,7 @@ def _score(model, saes, input_ids, state: PromptState, flat: FlatNodes, graphs: 
 
 
 def output_weights(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets: list[Target], bet: int, stop: int,
-                   method: str = "gradient", replay_top: int = 0, batch_size: int = 8):
+                   method: str = "gradient", replay_top: int = 0, batch_size: int = 8, first: int = 0):
     """Every target's and the decision's weight on every node of one prompt, the best estimate of
     each node's real effect: ``method`` ("gradient": activation × gradient; "norm": the same with the
     RMSNorms at the node's own position exact, ``norm_correction``), then the ``replay_top``
@@ -603,7 +609,7 @@ def output_weights(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets
     if method not in ("gradient", "norm"):
         raise ValueError(f"attribution method {method!r}: use 'gradient' or 'norm'")
     norms = method == "norm"
-    state = prompt_state(model, saes, input_ids, norms=norms)
+    state = prompt_state(model, saes, input_ids, norms=norms, first=first)
     n = len(state.ids)
     flat = FlatNodes(state)
     dec = output_gradients(model, saes, input_ids, [decision_output(model, bet, stop, n)], norms=norms)
@@ -897,6 +903,12 @@ def scan_name(sae_root: str, pattern: str) -> str:
     the layer (``Llama-Scope/Llama3_1-8B-Base-LXR-8x``)."""
     root = sae_root.rstrip("/").rsplit("/", 1)[-1]
     return f"{root}/{pattern.replace('{layer}', 'X')}"
+
+
+def bos_positions(tokenizer, input_ids: torch.Tensor, zero_bos: bool) -> int:
+    """How many leading positions of ``input_ids`` [1, n] hold no nodes: 1 where ``zero_bos`` and the
+    prompt opens with a special token (circuit-tracer's ``setup_attribution``), else 0."""
+    return int(bool(zero_bos) and input_ids.shape[1] > 0 and int(input_ids[0, 0]) in set(tokenizer.all_special_ids))
 
 
 def decision_ids(cfg, tokenizer) -> tuple[int, int]:

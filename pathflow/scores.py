@@ -59,19 +59,29 @@ def graph_matrix(nodes: set, edges: dict, n_layers: int, n_tokens: int) -> tuple
 
 def circuit_tracer_scores(adj: torch.Tensor, layout: dict, logit_weights=(0.5, 0.5)) -> dict:
     """(replacement, completeness) as circuit-tracer defines them, its influence series summed in
-    closed form: w·((I − A)⁻¹ − I)."""
+    closed form: w·((I − A)⁻¹ − I).
+
+    Solved on the nodes that are the source of an edge, and the outputs, only: any other node's x_j = w_j
+    = 0 and enters no other equation, so the result is exact, and a graph of 200 nodes costs a 200-node
+    solve rather than one over every (layer, position)'s error node (32 × 120 at the real shapes)."""
     n = adj.shape[0]
+    n_logits = layout["n_logits"]
     A = adj.abs()
     A = A / A.sum(1, keepdim=True).clamp(min=1e-10)
-    w = torch.zeros(n, dtype=torch.float64)
-    w[-layout["n_logits"]:] = torch.tensor(logit_weights, dtype=torch.float64)
+    w_all = torch.zeros(n, dtype=torch.float64)
+    w_all[-n_logits:] = torch.tensor(logit_weights, dtype=torch.float64)
+    live = (A != 0).any(0)
+    live[-n_logits:] = True
+    idx = torch.nonzero(live).flatten()
+    As, w = A[idx][:, idx], w_all[idx]
     # x = w + x A  <=>  x (I − A) = w ; influence = x − w
-    influence = torch.linalg.solve((torch.eye(n, dtype=torch.float64) - A).T, w) - w
+    influence = torch.zeros(n, dtype=torch.float64)
+    influence[idx] = torch.linalg.solve((torch.eye(len(idx), dtype=torch.float64) - As).T, w) - w
     e0 = layout["n_features"]
     e1 = e0 + layout["n_tokens"] * layout["n_layers"]
     t1 = e1 + layout["n_tokens"]
     tok, err = float(influence[e1:t1].sum()), float(influence[e0:e1].sum())
-    out_infl = influence + w
+    out_infl = influence + w_all
     non_error = 1 - A[:, e0:e1].sum(1)
     return {"replacement": tok / (tok + err) if tok + err > 0 else None,
             "completeness": float((non_error * out_infl).sum() / out_infl.sum())}
@@ -79,10 +89,11 @@ def circuit_tracer_scores(adj: torch.Tensor, layout: dict, logit_weights=(0.5, 0
 
 @torch.no_grad()
 def faithfulness(model, saes: dict[int, SAE], input_ids: torch.Tensor, err: dict[int, torch.Tensor],
-                 graphs: list, decision: tuple[int, int]) -> list[dict]:
+                 graphs: list, decision: tuple[int, int], first: int = 0) -> list[dict]:
     """Each graph's faithfulness for its target and the decision, in one batched forward of ``input_ids``
     [1, n]: row 0 the clean run (full), a row per graph, a row per distinct target layer with every
-    feature below it ablated (none). ``err``: {l: [n, d_model]} the clean SAE errors. Returns
+    feature below it ablated (none). ``err``: {l: [n, d_model]} the clean SAE errors. Positions before
+    ``first`` are not nodes (zero_bos): they keep their clean stream in every row. Returns
     [{"target", "decision"}] (None where m(full) = m(none))."""
     k = len(graphs)
     tops = sorted({g.target.layer for g in graphs})
@@ -107,7 +118,8 @@ def faithfulness(model, saes: dict[int, SAE], input_ids: torch.Tensor, err: dict
             if len(r):  # the graph's features, recomputed from the edited stream
                 f = sae.gate(sae.scale * (h[r, q].to(sae.W_enc.dtype) * sae.W_enc[i]).sum(-1) + sae.b_enc[i])
                 new.index_put_((r, q), ((f[:, None] * sae.W_dec[:, i].T) / sae.scale).to(h.dtype), accumulate=True)
-            on = (below.to(h.device) > l)[:, None, None]
+            on = (below.to(h.device) > l)[:, None, None] & (torch.arange(h.shape[1], device=h.device) >= first)[
+                None, :, None]
             return torch.where(on, new, h)
 
         return edit

@@ -15,6 +15,7 @@ from pathflow.feature_examples import feature_file, feature_path, prompt_entries
 from pathflow.graphs import (
     GRAPHS_DIR,
     Target,
+    bos_positions,
     decision_ids,
     graph_json,
     graph_path,
@@ -61,13 +62,14 @@ def attribution_graphs(cfg: Config, store_url: str, run_id: str, targets: list[d
                 state, graphs, dense = prompt_graphs(
                     ctx.model, saes, ids, [Target(t["feature"], t["layer"], t["feature_id"], p) for t in chosen],
                     bet, stop, gc.node_threshold, gc.edge_threshold, gc.max_nodes, gc.batch_size,
-                    cfg.attribution.method, cfg.attribution.replay_top)
+                    cfg.attribution.method, cfg.attribution.replay_top, bos_positions(ctx.tokenizer, ids, gc.zero_bos))
                 write_prompt_graph(run.zarr_store("graphs.zarr"), prompt, [t["feature"] for t in chosen],
                                    sparse_arrays(state, dense), {"position": p, "n_tokens": len(state.ids),
                                                                  "decision": label, "tokens": tokens,
                                                                  "decision_value": float(dense["decision_value"]),
                                                                  "attribution_method": cfg.attribution.method,
-                                                                 "replay_top": cfg.attribution.replay_top},
+                                                                 "replay_top": cfg.attribution.replay_top,
+                                                                 "first_node_position": state.first},
                                    cfg.gradients.keepbits)
                 get_run_logger().info("graphs on %s: %d targets, %d distinct kept features, %.1f s", prompt,
                                       len(graphs), len({k for g in graphs for k in g.nodes if k[0] == "f"}),

@@ -283,6 +283,38 @@ def test_prompt_graphs_are_pathways_not_stars(ctx):
     assert judged and sum(j["predicted"] * j["actual"] > 0 for j in judged) / len(judged) > 0.7
 
 
+def test_zero_bos_leaves_the_first_position_without_nodes(ctx):
+    """graphs.zero_bos, as circuit-tracer's setup_attribution: a prompt opening with a special token has no feature
+    or error node there (its embedding stays); the other nodes' weights are unchanged; without it, BOS is nodes."""
+    from pathflow.graphs import bos_positions
+
+    ids = ctx.prompt_ids["safe"]
+    assert int(ids[0, 0]) in ctx.tokenizer.all_special_ids
+    assert bos_positions(ctx.tokenizer, ids, True) == 1 and bos_positions(ctx.tokenizer, ids, False) == 0
+    assert bos_positions(ctx.tokenizer, ids[:, 1:], True) == 0  # no special token first: nothing to leave out
+    saes = ctx.saes_up_to(3)
+    p = ids.shape[1] - 1
+    targets = [Target("L3-56", 3, 56, p)]
+    kw = dict(node_threshold=0.8, edge_threshold=0.98, max_nodes=60, batch_size=8, method="norm", replay_top=10)
+    s1, (g1,), d1 = prompt_graphs(ctx.model, saes, ids, targets, BET, STOP, first=1, **kw)
+    s0, (g0,), d0 = prompt_graphs(ctx.model, saes, ids, targets, BET, STOP, first=0, **kw)
+    assert all(int((pos == 0).sum()) == 0 for pos, _, _ in s1.acts.values())
+    assert sum(int((pos == 0).sum()) for pos, _, _ in s0.acts.values()) > 0
+    assert not any(k[0] in ("f", "e") and k[2] == 0 for k in g1.nodes)
+    assert ("E", 0) in g1.nodes or any(k[0] == "E" for k in g1.nodes)
+    assert float(d1["targets"][0]["error"][:, 0].abs().sum()) == 0.0
+    assert float(d0["targets"][0]["error"][:, 0].abs().sum()) > 0.0
+    # an entry after BOS has the same first-order weight either way (one backward, the same gradient)
+    later0 = {k: v for k, v in zip(_keys(s0), d0["targets"][0]["gradient"].tolist()) if k[1] > 0}
+    later1 = dict(zip(_keys(s1), d1["targets"][0]["gradient"].tolist()))
+    assert later0.keys() == later1.keys()
+    assert max(abs(later0[k] - later1[k]) for k in later1) < 1e-5
+
+
+def _keys(state):
+    return [(l, q, i) for l in sorted(state.acts) for q, i in zip(state.acts[l][0].tolist(), state.acts[l][1].tolist())]
+
+
 def test_replay_measures_the_decision_free_and_with_the_target_held(ctx):
     """Each candidate's Δdecision against a plain full forward with the same edit; held at its
     baseline, the target passes nothing on, so the share through it is what holding removes."""

@@ -95,6 +95,9 @@ def test_graphs_are_circuit_tracers_format(run_dir, circuit_tracer):
         (t,) = [n for n in nodes if n["node_id"] == f"{rec['layer']}_{rec['feature_id']}_{md['info']['position']}"]
         assert t["feature"] == cantor(rec["layer"], rec["feature_id"]) and t["node_id"] in g["qParams"]["pinnedIds"]
         assert rec["graphs"][md["info"]["prompt_name"]] == md["slug"]
+        # the prompt opens with a special token and graphs.zero_bos is on: nothing but its embedding is a node there
+        assert all(n["ctx_idx"] > 0 for n in nodes if n["feature_type"] in ("cross layer transcoder",
+                                                                             "mlp reconstruction error"))
         for n in nodes:
             if n["feature_type"] == "cross layer transcoder":
                 layer, fid, pos = map(int, n["node_id"].split("_"))

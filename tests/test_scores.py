@@ -116,6 +116,36 @@ def test_faithfulness_against_a_spliced_forward(ctx, demo_graphs):
     assert f_empty["target"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_faithfulness_with_the_bos_position_not_nodes(ctx, demo_graphs):
+    """graphs.zero_bos: position 0 keeps its clean stream in every row, the same as a spliced forward that keeps
+    every BOS feature (decode(encode(h)) + the clean error is h there)."""
+    from pathflow.jacobian import target_pre
+    from pathflow.model import logit_difference
+
+    saes, ids, state, graphs, _ = demo_graphs
+    g = graphs[0]
+    t = g.target
+    sae = saes[t.layer]
+
+    def m(keep):
+        h, last = _spliced(ctx, saes, ids, t.layer, keep, state.err)
+        return (float(target_pre(sae, h[t.pos][None], [t.feature])[0]),
+                float(logit_difference(ctx.model, last, BET, STOP)))
+
+    active = {(l, q, i) for l, (p, f, _) in state.acts.items() if l < t.layer for q, i in zip(p.tolist(), f.tolist())}
+    bos = {k for k in active if k[1] == 0}
+    assert bos, "the demo's BOS position has active features"
+    kept = {(k[1], k[2], k[3]) for k in g.nodes if k[0] == "f" and k[2] > 0}
+    full, none, graph = m(active), m(bos), m(kept | bos)
+    want = [(graph[j] - none[j]) / (full[j] - none[j]) for j in (0, 1)]
+    (got,) = faithfulness(ctx.model, saes, ids, state.err, [replace(g, nodes={("f", *k) for k in kept})], (BET, STOP),
+                          first=1)
+    assert got["target"] == pytest.approx(want[0], abs=1e-4) and got["decision"] == pytest.approx(want[1], abs=1e-4)
+    (plain,) = faithfulness(ctx.model, saes, ids, state.err, [replace(g, nodes={("f", *k) for k in kept})], (BET, STOP))
+    # splicing BOS too is a different measurement, by more than the tolerance above
+    assert max(abs(plain[k] - got[k]) for k in ("target", "decision")) > 5e-4
+
+
 def test_scores_reach_the_graph_json(demo_graphs):
     from pathflow.graphs import graph_json
 
@@ -124,3 +154,32 @@ def test_scores_reach_the_graph_json(demo_graphs):
     info = doc["metadata"]["info"]
     assert set(info["scores"]) == {"completeness", "circuit_tracer", "faithfulness"}
     assert "validated" in info["validated_means"] and info["replay"]["n_validated"] <= info["replay"]["n_replayed"]
+
+
+def test_circuit_tracer_scores_solve_only_live_nodes():
+    """Nodes that feed no edge are dropped from the solve: the scores equal the dense series summed term by term
+    (Σ_k w·A^k over a random DAG with most error nodes empty, as at the real shapes)."""
+    g = torch.Generator().manual_seed(0)
+    n_feat, n_layers, n_tok = 6, 3, 4
+    n = n_feat + n_layers * n_tok + n_tok + 2
+    adj = torch.zeros(n, n, dtype=torch.float64)
+    sources = [*range(n_feat), n_feat + 1, n_feat + 7, n - 2 - n_tok, n - 3]  # a few errors and tokens
+    order = {s: i for i, s in enumerate(sources)}
+    for tgt in [*range(n_feat), n - 2, n - 1]:
+        for s in sources:
+            if s != tgt and (tgt >= n - 2 or order[s] < order.get(tgt, 0)) and torch.rand(1, generator=g) < 0.7:
+                adj[tgt, s] = torch.randn(1, generator=g, dtype=torch.float64)
+    layout = {"n_features": n_feat, "n_tokens": n_tok, "n_layers": n_layers, "n_logits": 2}
+    A = adj.abs() / adj.abs().sum(1, keepdim=True).clamp(min=1e-10)
+    w = torch.zeros(n, dtype=torch.float64)
+    w[-2:] = 0.5
+    x, term = w.clone(), w.clone()
+    for _ in range(n):  # a DAG: the series ends
+        term = term @ A
+        x += term
+    infl = x - w
+    e0, e1 = n_feat, n_feat + n_layers * n_tok
+    tok, err = float(infl[e1:e1 + n_tok].sum()), float(infl[e0:e1].sum())
+    ours = circuit_tracer_scores(adj, layout)
+    assert ours["replacement"] == pytest.approx(tok / (tok + err), rel=1e-9)
+    assert ours["completeness"] == pytest.approx(float(((1 - A[:, e0:e1].sum(1)) * x).sum() / x.sum()), rel=1e-9)

@@ -30,7 +30,7 @@ def test_completed_run_and_artifacts_in_the_prefect_ui(prefect_api, demo_cfg, tm
     shots = tmp_path / "screenshots"
     shots.mkdir()
     out = subprocess.run(["node", str(UI / "flow_run_page.mjs"), prefect_api.removesuffix("/api"), fr["id"],
-                          str(shots), fr["name"], *KEYS], capture_output=True, text=True, timeout=180)
+                          str(shots), "pathflow-run", fr["name"], *KEYS], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     keep = Path(__file__).resolve().parents[1] / "test-output" / "ui"  # for a person to look at
