@@ -87,19 +87,23 @@ def _spliced(ctx, saes, ids, target_layer, keep, err):
     return hs[target_layer][0], hs[top][0, -1]
 
 
-def test_faithfulness_against_a_spliced_forward(ctx, demo_graphs):
+def _measure(ctx, saes, ids, t, keep, err) -> tuple[float, float]:
+    """(the target's pre-activation, the decision) with only the features ``keep`` spliced below the target."""
     from pathflow.jacobian import target_pre
     from pathflow.model import logit_difference
 
+    h, last = _spliced(ctx, saes, ids, t.layer, keep, err)
+    return (float(target_pre(saes[t.layer], h[t.pos][None], [t.feature])[0]),
+            float(logit_difference(ctx.model, last, BET, STOP)))
+
+
+def test_faithfulness_against_a_spliced_forward(ctx, demo_graphs):
     saes, ids, state, graphs, _ = demo_graphs
     g = graphs[0]
     t = g.target
-    sae = saes[t.layer]
 
     def m(keep):
-        h, last = _spliced(ctx, saes, ids, t.layer, keep, state.err)
-        return (float(target_pre(sae, h[t.pos][None], [t.feature])[0]),
-                float(logit_difference(ctx.model, last, BET, STOP)))
+        return _measure(ctx, saes, ids, t, keep, state.err)
 
     all_active = {(l, q, i) for l, (p, f, _) in state.acts.items() if l < t.layer
                   for q, i in zip(p.tolist(), f.tolist())}
@@ -119,18 +123,12 @@ def test_faithfulness_against_a_spliced_forward(ctx, demo_graphs):
 def test_faithfulness_with_the_bos_position_not_nodes(ctx, demo_graphs):
     """graphs.zero_bos: position 0 keeps its clean stream in every row, the same as a spliced forward that keeps
     every BOS feature (decode(encode(h)) + the clean error is h there)."""
-    from pathflow.jacobian import target_pre
-    from pathflow.model import logit_difference
-
     saes, ids, state, graphs, _ = demo_graphs
     g = graphs[0]
     t = g.target
-    sae = saes[t.layer]
 
     def m(keep):
-        h, last = _spliced(ctx, saes, ids, t.layer, keep, state.err)
-        return (float(target_pre(sae, h[t.pos][None], [t.feature])[0]),
-                float(logit_difference(ctx.model, last, BET, STOP)))
+        return _measure(ctx, saes, ids, t, keep, state.err)
 
     active = {(l, q, i) for l, (p, f, _) in state.acts.items() if l < t.layer for q, i in zip(p.tolist(), f.tolist())}
     bos = {k for k in active if k[1] == 0}
