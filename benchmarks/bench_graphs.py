@@ -58,12 +58,11 @@ def time_graphs(cfg, targets: list[dict], prompts: list[str] | None) -> dict:
     import torch
 
     from pathflow.context import get_context
-    from pathflow.graphs import Target, bos_positions, decision_ids, graph_targets, prompt_graphs
+    from pathflow.graphs import Target, configured_graphs, decision_ids, graph_targets
 
     torch.set_grad_enabled(True)
     ctx = get_context(cfg)
-    gc = cfg.graphs
-    chosen = graph_targets(targets, gc.max_targets)
+    chosen = graph_targets(targets, cfg.graphs.max_targets)
     bet, stop = decision_ids(cfg, ctx.tokenizer)
     saes = ctx.saes_up_to(max(t["layer"] for t in chosen))
     out = {}
@@ -74,10 +73,9 @@ def time_graphs(cfg, targets: list[dict], prompts: list[str] | None) -> dict:
         SECONDS.clear()
         _timers()
         t0 = time.perf_counter()
-        _, graphs, _ = prompt_graphs(ctx.model, saes, ids, [Target(t["feature"], t["layer"], t["feature_id"], p)
-                                                             for t in chosen], bet, stop, gc.node_threshold,
-                                     gc.edge_threshold, gc.max_nodes, gc.batch_size, cfg.attribution.method,
-                                     cfg.attribution.replay_top, bos_positions(ctx.tokenizer, ids, gc.zero_bos))
+        _, graphs, _ = configured_graphs(cfg, ctx.model, ctx.tokenizer, saes, ids,
+                                         [Target(t["feature"], t["layer"], t["feature_id"], p) for t in chosen],
+                                         bet, stop)
         out[prompt] = {**SECONDS, "total": time.perf_counter() - t0,
                        "kept_features": len({k for g in graphs for k in g.nodes if k[0] == "f"})}
     return out

@@ -905,6 +905,15 @@ def scan_name(sae_root: str, pattern: str) -> str:
     return f"{root}/{pattern.replace('{layer}', 'X')}"
 
 
+def configured_graphs(cfg, model, tokenizer, saes: dict[int, SAE], input_ids: torch.Tensor, targets: list[Target],
+                      bet: int, stop: int) -> tuple[PromptState, list[Graph], dict]:
+    """``prompt_graphs`` with ``cfg.graphs`` and ``cfg.attribution``'s settings."""
+    gc = cfg.graphs
+    return prompt_graphs(model, saes, input_ids, targets, bet, stop, gc.node_threshold, gc.edge_threshold,
+                         gc.max_nodes, gc.batch_size, cfg.attribution.method, cfg.attribution.replay_top,
+                         bos_positions(tokenizer, input_ids, gc.zero_bos))
+
+
 def bos_positions(tokenizer, input_ids: torch.Tensor, zero_bos: bool) -> int:
     """How many leading positions of ``input_ids`` [1, n] hold no nodes: 1 where ``zero_bos`` and the
     prompt opens with a special token (circuit-tracer's ``setup_attribution``), else 0."""

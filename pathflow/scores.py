@@ -64,27 +64,25 @@ def circuit_tracer_scores(adj: torch.Tensor, layout: dict, logit_weights=(0.5, 0
     Solved on the nodes that are the source of an edge, and the outputs, only: any other node's x_j = w_j
     = 0 and enters no other equation, so the result is exact, and a graph of 200 nodes costs a 200-node
     solve rather than one over every (layer, position)'s error node (32 × 120 at the real shapes)."""
-    n = adj.shape[0]
     n_logits = layout["n_logits"]
-    A = adj.abs()
-    A = A / A.sum(1, keepdim=True).clamp(min=1e-10)
-    w_all = torch.zeros(n, dtype=torch.float64)
-    w_all[-n_logits:] = torch.tensor(logit_weights, dtype=torch.float64)
-    live = (A != 0).any(0)
+    live = (adj != 0).any(0)  # a source of some edge; a column of zeros feeds nothing
     live[-n_logits:] = True
-    idx = torch.nonzero(live).flatten()
-    As, w = A[idx][:, idx], w_all[idx]
+    idx = torch.nonzero(live).flatten()  # ascending: the outputs stay last
+    A = adj[idx][:, idx].abs()  # the columns left out are zero, so the row sums are the whole rows'
+    A = A / A.sum(1, keepdim=True).clamp(min=1e-10)
+    w = torch.zeros(len(idx), dtype=torch.float64)
+    w[-n_logits:] = torch.tensor(logit_weights, dtype=torch.float64)
     # x = w + x A  <=>  x (I − A) = w ; influence = x − w
-    influence = torch.zeros(n, dtype=torch.float64)
-    influence[idx] = torch.linalg.solve((torch.eye(len(idx), dtype=torch.float64) - As).T, w) - w
+    x = torch.linalg.solve((torch.eye(len(idx), dtype=torch.float64) - A).T, w)
+    influence = x - w
     e0 = layout["n_features"]
     e1 = e0 + layout["n_tokens"] * layout["n_layers"]
     t1 = e1 + layout["n_tokens"]
-    tok, err = float(influence[e1:t1].sum()), float(influence[e0:e1].sum())
-    out_infl = influence + w_all
-    non_error = 1 - A[:, e0:e1].sum(1)
+    is_err, is_tok = (idx >= e0) & (idx < e1), (idx >= e1) & (idx < t1)
+    tok, err = float(influence[is_tok].sum()), float(influence[is_err].sum())
+    non_error = 1 - A[:, is_err].sum(1)
     return {"replacement": tok / (tok + err) if tok + err > 0 else None,
-            "completeness": float((non_error * out_infl).sum() / out_infl.sum())}
+            "completeness": float((non_error * x).sum() / x.sum())}
 
 
 @torch.no_grad()

@@ -15,12 +15,11 @@ from pathflow.feature_examples import feature_file, feature_path, prompt_entries
 from pathflow.graphs import (
     GRAPHS_DIR,
     Target,
-    bos_positions,
+    configured_graphs,
     decision_ids,
     graph_json,
     graph_path,
     graph_targets,
-    prompt_graphs,
     scan_name,
     slug,
     sparse_arrays,
@@ -59,10 +58,9 @@ def attribution_graphs(cfg: Config, store_url: str, run_id: str, targets: list[d
                 p = ctx.prefixes()[prompt].position
                 tokens = [token_text(ctx.tokenizer, int(i)) for i in ids[0]]
                 t0 = time.perf_counter()
-                state, graphs, dense = prompt_graphs(
-                    ctx.model, saes, ids, [Target(t["feature"], t["layer"], t["feature_id"], p) for t in chosen],
-                    bet, stop, gc.node_threshold, gc.edge_threshold, gc.max_nodes, gc.batch_size,
-                    cfg.attribution.method, cfg.attribution.replay_top, bos_positions(ctx.tokenizer, ids, gc.zero_bos))
+                state, graphs, dense = configured_graphs(
+                    cfg, ctx.model, ctx.tokenizer, saes, ids,
+                    [Target(t["feature"], t["layer"], t["feature_id"], p) for t in chosen], bet, stop)
                 write_prompt_graph(run.zarr_store("graphs.zarr"), prompt, [t["feature"] for t in chosen],
                                    sparse_arrays(state, dense), {"position": p, "n_tokens": len(state.ids),
                                                                  "decision": label, "tokens": tokens,
