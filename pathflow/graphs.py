@@ -95,6 +95,11 @@ class PromptState:
         return self._by_position[l]
 
     @functools.cached_property
+    def reads_by_position(self) -> torch.Tensor:
+        """``reads`` as [n, R, d_model] (contiguous): one position's reads are one slice."""
+        return self.reads.permute(1, 0, 2).contiguous()
+
+    @functools.cached_property
     def activations(self) -> dict[tuple, float]:
         """{("f", layer, position, feature): activation} of every active entry."""
         out = {}
@@ -256,6 +261,7 @@ def node_weights(state: PromptState, saes: dict[int, SAE], grads: Gradients) -> 
     layer_of = torch.tensor([o.layer for o in grads.outputs], device=device)
     pos_of = torch.tensor([o.pos for o in grads.outputs], device=device)
     n = len(state.ids)
+    rg = read_gradients(state, grads.reads) if grads.reads is not None and state.reads is not None else None
     for l, g in grads.resid.items():
         if l not in state.acts:
             continue  # a layer no graph on this prompt reaches
@@ -267,8 +273,8 @@ def node_weights(state: PromptState, saes: dict[int, SAE], grads: Gradients) -> 
         w = torch.bmm(g[:, block_pos].transpose(0, 1), dec).transpose(0, 1).reshape(g.shape[0], -1)[:, slot]
         live = (layer_of[:, None] > l) & (pos[None, :] <= pos_of[:, None])
         first[l] = torch.where(live, w, torch.zeros_like(w)).float()
-        if grads.reads is not None and state.reads is not None:  # attribution.method "norm"
-            w = w - norm_correction(state, grads.reads, l, block_pos, dec).transpose(0, 1).reshape(
+        if rg is not None:  # attribution.method "norm"
+            w = w - norm_correction(state, rg, l, block_pos, dec).transpose(0, 1).reshape(
                 g.shape[0], -1)[:, slot].to(w.dtype)
             feature[l] = torch.where(live, w, torch.zeros_like(w)).float()
         else:
@@ -281,7 +287,25 @@ def node_weights(state: PromptState, saes: dict[int, SAE], grads: Gradients) -> 
     return NodeWeights(feature=feature, error=error, emb=emb, gradient=first)
 
 
-def norm_correction(state: PromptState, greads: torch.Tensor, l: int, block_pos: torch.Tensor,
+@dataclass
+class ReadGradients:
+    """One batch's gradients at the RMSNorm reads, laid out by position for ``norm_correction``.
+
+    hg: [n, R, k, D]  ĝ ⊙ γ (ĝ = ∂y/∂ the read's output) at every position, read and row
+    u:  [n, R, k]     ⟨ĝ ⊙ γ, x⟩ (x the read's input)
+    """
+
+    hg: torch.Tensor
+    u: torch.Tensor
+
+
+def read_gradients(state: PromptState, greads: torch.Tensor) -> ReadGradients:
+    """``Gradients.reads`` [k, R, n, D] arranged once per batch, so that each layer's correction only slices it."""
+    hg = (greads * state.read_gamma[None, :, None, :].to(greads.dtype)).permute(2, 1, 0, 3).contiguous()
+    return ReadGradients(hg=hg, u=torch.einsum("nrkd,nrd->nrk", hg, state.reads_by_position.to(hg.dtype)))
+
+
+def norm_correction(state: PromptState, rg: ReadGradients, l: int, block_pos: torch.Tensor,
                     dec: torch.Tensor) -> torch.Tensor:
     """What the RMSNorms at a node's own position add to the gradient's estimate of its ablation.
 
@@ -296,24 +320,21 @@ def norm_correction(state: PromptState, greads: torch.Tensor, l: int, block_pos:
     With u = ⟨ĝ⊙γ, x⟩, a = ⟨ĝ⊙γ, δ⟩, r² = mean(x²) + ε, r'² = r² + Δ, Δ = (2⟨x, δ⟩ + |δ|²)/D:
     exact − linear = a·(1/r' − 1/r) + u·(Δ²(r' + 2r) / (2r³r'(r + r')²) − |δ|²/(2Dr³)), written without
     the cancellation of two first-order terms."""
-    js = torch.nonzero(state.read_layer > l).flatten()
-    D = state.reads.shape[-1]
-    X = state.reads[js].to(dec.dtype)  # [R', n, D]
-    h = greads[:, js].to(dec.dtype) * state.read_gamma[js][None, :, None, :].to(dec.dtype)  # [k, R', n, D]
-    k, R = h.shape[0], len(js)
-    r2 = X.pow(2).mean(-1) + state.read_eps[js][:, None].to(dec.dtype)  # [R', n]
-    u = (h * X[None]).sum(-1)  # [k, R', n]
-    b = len(block_pos)
-    xd = torch.bmm(X[:, block_pos].transpose(0, 1), dec)  # [b, R', c]  ⟨x, −δ⟩
-    hd = torch.bmm(h[:, :, block_pos].permute(2, 0, 1, 3).reshape(b, k * R, D), dec).view(b, k, R, -1)  # ⟨ĝγ, −δ⟩
+    j0 = int(torch.searchsorted(state.read_layer, l, right=True))  # reads are in forward order: > l is a tail
+    n, R, k, D = rg.hg.shape
+    Rl, b = R - j0, len(block_pos)
+    dec = dec.to(rg.hg.dtype)
+    X = state.reads_by_position[block_pos, j0:].to(dec.dtype)  # [b, R', D]
+    xd = torch.bmm(X, dec)  # [b, R', c]  ⟨x, −δ⟩
+    hd = torch.bmm(rg.hg[block_pos, j0:].reshape(b, Rl * k, D), dec).view(b, Rl, k, -1)  # ⟨ĝγ, −δ⟩
     dd = dec.pow(2).sum(1)[:, None]  # [b, 1, c]  |δ|²
-    r2b = r2[:, block_pos].T[..., None]  # [b, R', 1]
+    r2b = (X.pow(2).mean(-1) + state.read_eps[j0:].to(dec.dtype))[..., None]  # [b, R', 1]
     delta = (dd - 2 * xd) / D  # [b, R', c]
     r, rn = r2b.sqrt(), (r2b + delta).clamp(min=1e-30).sqrt()
     t = -delta / (r * rn * (r + rn))  # 1/r' − 1/r
     B = delta.pow(2) * (rn + 2 * r) / (2 * r.pow(3) * rn * (r + rn).pow(2)) - dd / (2 * D * r.pow(3))
-    ub = u[:, :, block_pos].permute(2, 0, 1)[..., None]  # [b, k, R', 1]
-    return ((-hd) * t[:, None] + ub * B[:, None]).sum(2)  # [b, k, c]
+    # Σ_reads −⟨ĝγ, −δ⟩·t + u·B: the first elementwise (t varies with the entry), the second a matmul
+    return torch.bmm(rg.u[block_pos, j0:].transpose(1, 2), B) - (hd * t[:, :, None]).sum(1)  # [b, k, c]
 
 
 def dense_jacobian(grads: Gradients, saes: dict[int, SAE], row: int, layer: int, pos: int) -> torch.Tensor:

@@ -343,6 +343,14 @@ def _prefix_attention(module, query, key, value, attention_mask, scaling, dropou
     g = heads // kv
     # [rows, kv, g*q, hd]: the g query heads that share a key/value head, side by side
     qg = query.reshape(rows, kv, g * q, hd)
+    p = pk.shape[2]
+    if p <= q:  # a short prefix (an early position's replay): its copies are cheap, one fused attention is not
+        i = torch.arange(q, device=query.device)
+        sees = (torch.arange(p + q, device=query.device)[None, :] <= p + i[:, None]).repeat(g, 1)  # [g*q, p+q]
+        k_all = torch.cat([pk.to(key.dtype).expand(rows, -1, -1, -1), key], 2)
+        v_all = torch.cat([pv.to(value.dtype).expand(rows, -1, -1, -1), value], 2)
+        out = torch.nn.functional.scaled_dot_product_attention(qg, k_all, v_all, attn_mask=sees, scale=scaling)
+        return out.reshape(rows, heads, q, hd).transpose(1, 2).contiguous(), None
     # prefix scores with the rows folded into the query dimension: [kv, rows*g*q, hd] @ [kv, hd, p]
     qf = qg.transpose(0, 1).reshape(kv, rows * g * q, hd)
     s_pre = torch.matmul(qf, pk[0].to(query.dtype).transpose(-1, -2)).reshape(kv, rows, g * q, -1).transpose(0, 1)
@@ -353,7 +361,6 @@ def _prefix_attention(module, query, key, value, attention_mask, scaling, dropou
         s_new = s_new.masked_fill(future, float("-inf"))
     scores = torch.cat([s_pre, s_new], -1) * scaling  # [rows, kv, g*q, p+q]
     w = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
-    p = s_pre.shape[-1]
     w_pre, w_new = w[..., :p], w[..., p:]
     o_pre = torch.matmul(w_pre.transpose(0, 1).reshape(kv, rows * g * q, p), pv[0].to(query.dtype))
     out = o_pre.reshape(kv, rows, g * q, hd).transpose(0, 1) + torch.matmul(w_new, value)  # [rows, kv, g*q, hd]
