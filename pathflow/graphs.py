@@ -550,11 +550,9 @@ def prompt_graphs(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets:
     pool = torch.tensor(sorted({int(i) for p in pending for i in p[3]}), dtype=torch.long)
     pool_keys = [flat.key(int(i)) for i in pool]
     incoming: dict[Key, dict[Key, float]] = {}
-    as_output = lambda k: Output(layer=k[1], feature=k[3], pos=k[2])  # noqa: E731
-    for chunk, (_, w) in _weights(model, saes, input_ids, state, inner, as_output, batch_size):
-        for k, row in zip(chunk, _flat_rows(w, state)):
-            into = _vec(row)[pool]
-            incoming[k] = {u: v for u, v in zip(pool_keys, into.tolist()) if v}
+    for chunk, w in _pool_weights(model, saes, input_ids, state, flat, pool, inner, batch_size):
+        for k, into in zip(chunk, w.tolist()):
+            incoming[k] = {u: v for u, v in zip(pool_keys, into) if v}
     # every kept feature is judged by replay: those the ranking did not measure yet
     # and each target itself, for its own measured effect on the decision (one row per target)
     own = {t.name: ("f", t.layer, t.pos, t.feature) for t in targets
@@ -678,6 +676,56 @@ def _weights(model, saes, input_ids, state: PromptState, items: list, output, ba
 
     for chunk in _batches(items, batch_size):
         yield from run_with_backoff(fn, chunk)
+
+
+def _pool_weights(model, saes, input_ids, state: PromptState, flat: FlatNodes, pool: torch.Tensor, features: list,
+                  batch_size: int):
+    """(sub-batch, [rows, P]) of ``features`` as outputs: their first-order weights on the nodes ``pool``
+    (``pool_weights``), ``batch_size`` rows a backward, halved on out-of-memory."""
+    from .batching import run_with_backoff
+
+    def fn(sub):
+        g = output_gradients(model, saes, input_ids, [Output(layer=k[1], feature=k[3], pos=k[2]) for k in sub])
+        return pool_weights(state, saes, g, flat, pool)
+
+    for chunk in _batches(features, batch_size):
+        yield from run_with_backoff(fn, chunk)
+
+
+def pool_weights(state: PromptState, saes: dict[int, SAE], grads: Gradients, flat: FlatNodes,
+                 pool: torch.Tensor) -> torch.Tensor:
+    """Activation × gradient of the nodes ``pool`` [P] (indices into ``flat``) for each row of ``grads``:
+    [k, P], on the CPU — ``node_weights``' first-order weights gathered, computed for those nodes only
+    (an edge needs its source among the kept nodes, not every active entry)."""
+    device = grads.emb.device
+    k = grads.emb.shape[0]
+    layer_of = torch.tensor([o.layer for o in grads.outputs])
+    pos_of = torch.tensor([o.pos for o in grads.outputs])
+    L, Q = flat.layer[pool], flat.pos[pool]
+    out = torch.zeros(k, len(pool))
+    start = dict(zip(flat.layers, torch.cumsum(torch.tensor([0] + [len(state.acts[l][0]) for l in flat.layers]),
+                                               0).tolist()))
+    is_feat = pool < flat.m
+    for l in sorted(set(L[L >= 0].tolist()) & set(grads.resid)):
+        g = grads.resid[l]
+        at = torch.nonzero(is_feat & (L == l)).flatten()
+        if len(at):  # g_l[q] · f W_D[:, i] / s
+            sae = saes[l]
+            j = (pool[at] - start[l]).to(device)
+            _, feat, val = state.acts[l]
+            dirs = (sae.W_dec[:, feat[j]] * (val[j] / sae.scale)).T  # [P_l, d_model]
+            out[:, at] = (g[:, Q[at].to(device)].to(dirs.dtype) * dirs[None]).sum(-1).float().cpu()
+        at = torch.nonzero(~is_feat & (L == l)).flatten()
+        if len(at):  # g_l[q] · e_l[q], none before ``state.first``
+            q = Q[at].to(device)
+            e = (g[:, q] * state.err[l][q][None].to(g.dtype)).sum(-1).float().cpu()
+            out[:, at] = torch.where(Q[at][None] >= state.first, e, torch.zeros_like(e))
+    at = torch.nonzero(L < 0).flatten()
+    if len(at):  # x_emb[q] · ∂y/∂x_emb[q]
+        q = Q[at].to(device)
+        out[:, at] = (grads.emb[:, q] * state.emb[q][None].to(grads.emb.dtype)).sum(-1).float().cpu()
+    live = (L[None] < layer_of[:, None]) & (Q[None] <= pos_of[:, None])
+    return torch.where(live, out, torch.zeros_like(out))
 
 
 def _flat_rows(nw: NodeWeights, state: PromptState) -> list[dict[str, torch.Tensor]]:

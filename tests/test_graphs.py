@@ -17,6 +17,7 @@ from pathflow.graphs import (
     graph_targets,
     node_weights,
     output_gradients,
+    pool_weights,
     prompt_graphs,
     prompt_state,
     prune_edges,
@@ -133,6 +134,29 @@ def test_earlier_positions_match_spliced_autograd_and_finite_differences(ctx):
     w2 = node_weights(state, saes, output_gradients(ctx.model, saes, ids, [late]))
     assert torch.all(w2.feature[up][0, pos > p - 5] == 0) and torch.all(w2.error[up][0, p - 4:] == 0)
     assert 2 not in w2.feature or torch.all(w2.feature[2] == 0)
+
+
+def test_edge_weights_of_a_pool_equal_every_node_weight_gathered(ctx):
+    """The edges' weights are computed for the kept nodes only: the same numbers as the weights of every
+    node (node_weights, checked by finite differences above) at those nodes, with a leading position
+    that is not a node, rows of different layers and positions, and nodes they cannot depend on."""
+    from pathflow.graphs import FlatNodes, _flat_rows, _vec
+
+    saes = ctx.saes_up_to(3)
+    ids = ctx.prompt_ids["risky"]
+    n = ids.shape[1]
+    state = prompt_state(ctx.model, saes, ids, first=1)
+    flat = FlatNodes(state)
+    g = output_gradients(ctx.model, saes, ids, [Output(layer=3, feature=5, pos=n - 1), Output(layer=2, feature=151,
+                                                                                               pos=n - 6)])
+    every = torch.stack([_vec(r) for r in _flat_rows(node_weights(state, saes, g), state)])  # [2, N]
+    pool = torch.randperm(flat.size, generator=torch.Generator().manual_seed(0))[:400]
+    pool = torch.cat([pool, torch.tensor([flat.size - 1, flat.m, flat.m + n])])  # an embedding, errors at 0 and 0
+    got = pool_weights(state, saes, g, flat, pool)
+    assert got.shape == (2, len(pool))
+    assert torch.allclose(got, every[:, pool], rtol=1e-5, atol=1e-7)
+    assert (got[1] == 0).sum() > (got[0] == 0).sum()  # the lower, earlier row depends on fewer of them
+    assert (every[:, pool] != 0).sum() > 200
 
 
 def test_embedding_and_error_weights_by_finite_differences(ctx):
