@@ -608,9 +608,8 @@ def _score(model, saes, input_ids, state: PromptState, flat: FlatNodes, graphs: 
     faith = scores.faithfulness(model, saes, input_ids, state.err, graphs, decision, state.first) if graphs else []
     dec_c = scores.completeness(dense["decision"], layer_of, layers)
     for g, row, f in zip(graphs, dense["targets"], faith):
-        adj, layout = scores.graph_matrix(g.nodes, g.edges, len(layers), len(state.ids))
         g.scores = {"completeness": {"target": scores.completeness(row, layer_of, layers), "decision": dec_c},
-                    "circuit_tracer": scores.circuit_tracer_scores(adj, layout), "faithfulness": f}
+                    "circuit_tracer": scores.graph_scores(g.edges), "faithfulness": f}
 
 
 def output_weights(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets: list[Target], bet: int, stop: int,

@@ -68,17 +68,38 @@ def circuit_tracer_scores(adj: torch.Tensor, layout: dict, logit_weights=(0.5, 0
     live = (adj != 0).any(0)  # a source of some edge; a column of zeros feeds nothing
     live[-n_logits:] = True
     idx = torch.nonzero(live).flatten()  # ascending: the outputs stay last
-    A = adj[idx][:, idx].abs()  # the columns left out are zero, so the row sums are the whole rows'
-    A = A / A.sum(1, keepdim=True).clamp(min=1e-10)
-    w = torch.zeros(len(idx), dtype=torch.float64)
-    w[-n_logits:] = torch.tensor(logit_weights, dtype=torch.float64)
-    # x = w + x A  <=>  x (I − A) = w ; influence = x − w
-    x = torch.linalg.solve((torch.eye(len(idx), dtype=torch.float64) - A).T, w)
-    influence = x - w
     e0 = layout["n_features"]
     e1 = e0 + layout["n_tokens"] * layout["n_layers"]
     t1 = e1 + layout["n_tokens"]
-    is_err, is_tok = (idx >= e0) & (idx < e1), (idx >= e1) & (idx < t1)
+    return _influence_scores(adj[idx][:, idx], (idx >= e0) & (idx < e1), (idx >= e1) & (idx < t1), logit_weights)
+
+
+def graph_scores(edges: dict, logit_weights=(0.5, 0.5)) -> dict:
+    """``circuit_tracer_scores`` of a pruned graph's ``edges`` {(source, target): weight}, with the outputs
+    ("t",) and ("D",): the live submatrix built from the edges directly, never the [N, N] matrix of
+    ``graph_matrix`` (≈ 4,000² at the real shapes, for a 200-node graph)."""
+    outputs = [("t",), ("D",)]
+    live = sorted({s for s, _ in edges} - set(outputs)) + outputs
+    at = {k: i for i, k in enumerate(live)}
+    A = torch.zeros(len(live), len(live), dtype=torch.float64)
+    for (s, d), w in edges.items():
+        if d in at:  # a node that feeds nothing is not live: its row is not in the system
+            A[at[d], at[s]] = w
+    return _influence_scores(A, torch.tensor([k[0] == "e" for k in live]), torch.tensor([k[0] == "E" for k in live]),
+                             logit_weights)
+
+
+def _influence_scores(A: torch.Tensor, is_err: torch.Tensor, is_tok: torch.Tensor, logit_weights) -> dict:
+    """The scores of the live submatrix A [L, L] (row = target, the outputs last) whose nodes are errors
+    where ``is_err``, tokens where ``is_tok`` [L]."""
+    n_logits = len(logit_weights)
+    A = A.abs()  # the columns left out are zero, so the row sums are the whole rows'
+    A = A / A.sum(1, keepdim=True).clamp(min=1e-10)
+    w = torch.zeros(len(A), dtype=torch.float64)
+    w[-n_logits:] = torch.tensor(logit_weights, dtype=torch.float64)
+    # x = w + x A  <=>  x (I − A) = w ; influence = x − w
+    x = torch.linalg.solve((torch.eye(len(A), dtype=torch.float64) - A).T, w)
+    influence = x - w
     tok, err = float(influence[is_tok].sum()), float(influence[is_err].sum())
     non_error = 1 - A[:, is_err].sum(1)
     return {"replacement": tok / (tok + err) if tok + err > 0 else None,
