@@ -187,52 +187,72 @@ def output_gradients(model, saes: dict[int, SAE], input_ids: torch.Tensor, outpu
     copies of the prompt and one backward serves them all (row r differentiates ``outputs[r]``).
     Either way the backward's memory grows with k · n (the batch to halve on OOM). With ``norms``, also
     the gradient at every RMSNorm read's output (``Gradients.reads``; zero for a read that did not run)."""
-    k, n_layers = len(outputs), len(decoder_layers(model))
-    top = max(o.layer for o in outputs)  # the highest layer any row needs
-    up = list(range(min(top, n_layers)))
-    capture = set(up) | {o.layer for o in outputs if not o.is_decision}
-    stop_after = None if any(o.is_decision for o in outputs) else top
-    # no output depends on a later position (causal mask): run only up to the last output's
-    n = input_ids.shape[1]
-    upto = max(o.pos % n for o in outputs) + 1
-    copies = 1 if vmap else k
-    reads = norm_reads(model) if norms else []
-    with torch.enable_grad(), resid_hooks(model, capture=capture | ({n_layers - 1} if stop_after is None else set()),
-                                          stop_after=stop_after, grad_from_embeddings=True) as hs, \
-            capture_norm_inputs(model, reads, outputs=True) as outs:
-        run(model, input_ids[:, :upto].expand(copies, -1))
-        values = []
-        for r, o in enumerate(outputs):
-            row = 0 if vmap else r
-            if o.is_decision and norms and outs[-1] is not None:  # through the final norm's captured output
-                w = model.get_output_embeddings().weight
-                values.append(outs[-1][row, o.pos] @ (w[o.bet] - w[o.stop]).to(outs[-1].dtype))
-            elif o.is_decision:
-                values.append(logit_difference(model, hs[n_layers - 1][row, o.pos], o.bet, o.stop))
-            else:
-                sae = saes[o.layer]
-                values.append(target_pre(sae, hs[o.layer][row, o.pos][None].to(sae.W_enc.dtype), [o.feature])[0])
-        value = torch.stack(values)
-        ran = [j for j, o in enumerate(outs) if o is not None]
-        wrt = [hs["emb"], *(hs[l] for l in up), *(outs[j] for j in ran)]
-        if vmap:  # row r of the batched backward is seeded with output r alone: [k, 1, upto, d_model] each
-            seeds = torch.eye(k, dtype=value.dtype, device=value.device)
-            grads = [None if g is None else g[:, 0] for g in
-                     torch.autograd.grad(value, wrt, grad_outputs=seeds, is_grads_batched=True, allow_unused=True)]
-        else:  # rows are independent copies: d(Σ y)/d(row r's tensors) is y_r's own gradient
-            grads = list(torch.autograd.grad(value.sum(), wrt, allow_unused=True))
-    pad = (0, 0, 0, n - upto)  # the positions after ``upto`` get a zero gradient: [k, n, d_model] throughout
-    shape = (k, upto, hs["emb"].shape[-1])
-    emb_g, *rest = [torch.nn.functional.pad(g if g is not None else hs["emb"].new_zeros(shape), pad).detach()
-                    for g in grads]
-    resid_g, read_g = rest[:len(up)], rest[len(up):]
-    read_t = None
-    if norms:  # [k, R, n, d_model], zeros for the reads above the highest output
-        read_t = hs["emb"].new_zeros((k, len(reads), n, shape[-1]), dtype=torch.float32)
-        for j, g in zip(ran, read_g):
-            read_t[:, j] = g.float()
-    return Gradients(outputs=list(outputs), value=value.detach().float(), resid=dict(zip(up, resid_g)), emb=emb_g,
-                     reads=read_t)
+    fwd = Forward(model, input_ids, outputs, copies=1 if vmap else len(outputs), norms=norms)
+    return fwd.gradients(saes, outputs)
+
+
+class Forward:
+    """One forward of a prompt [1, n] kept with its autograd graph, for backwards of any outputs it covers
+    (layers ≤ the ``outputs``' highest, positions ≤ their last): ``gradients`` with ``retain`` may run many
+    times on it, each row's backward as long as without the others (autograd walks only what reaches the
+    outputs asked for). ``copies`` > 1: the prompt as that many rows, row r for ``outputs[r]`` (no vmap)."""
+
+    def __init__(self, model, input_ids: torch.Tensor, outputs: list[Output], copies: int = 1,
+                 norms: bool = False) -> None:
+        self.model, self.copies, self.n = model, copies, input_ids.shape[1]
+        self.n_layers = len(decoder_layers(model))
+        top = max(o.layer for o in outputs)  # the highest layer any row needs
+        capture = set(range(min(top, self.n_layers))) | {o.layer for o in outputs if not o.is_decision}
+        stop_after = None if any(o.is_decision for o in outputs) else top
+        # no output depends on a later position (causal mask): run only up to the last output's
+        self.upto = max(o.pos % self.n for o in outputs) + 1
+        self.reads = norm_reads(model) if norms else []
+        with torch.enable_grad(), resid_hooks(model, capture=capture | ({self.n_layers - 1} if stop_after is None
+                                                                         else set()),
+                                              stop_after=stop_after, grad_from_embeddings=True) as hs, \
+                capture_norm_inputs(model, self.reads, outputs=True) as outs:
+            run(model, input_ids[:, :self.upto].expand(copies, -1))
+        self.hs, self.outs = hs, outs
+
+    def gradients(self, saes: dict[int, SAE], outputs: list[Output], retain: bool = False) -> Gradients:
+        """The ``Gradients`` of ``outputs`` (row r seeded with output r alone); ``retain`` keeps the graph."""
+        hs, outs, n, n_layers = self.hs, self.outs, self.n, self.n_layers
+        k, vmap = len(outputs), self.copies == 1
+        up = list(range(min(max(o.layer for o in outputs), n_layers)))
+        with torch.enable_grad():
+            values = []
+            for r, o in enumerate(outputs):
+                row = 0 if vmap else r
+                if o.is_decision and self.reads and outs[-1] is not None:  # through the final norm's captured output
+                    w = self.model.get_output_embeddings().weight
+                    values.append(outs[-1][row, o.pos] @ (w[o.bet] - w[o.stop]).to(outs[-1].dtype))
+                elif o.is_decision:
+                    values.append(logit_difference(self.model, hs[n_layers - 1][row, o.pos], o.bet, o.stop))
+                else:
+                    sae = saes[o.layer]
+                    values.append(target_pre(sae, hs[o.layer][row, o.pos][None].to(sae.W_enc.dtype), [o.feature])[0])
+            value = torch.stack(values)
+            ran = [j for j, o in enumerate(outs) if o is not None]
+            wrt = [hs["emb"], *(hs[l] for l in up), *(outs[j] for j in ran)]
+            if vmap:  # row r of the batched backward is seeded with output r alone: [k, 1, upto, d_model] each
+                seeds = torch.eye(k, dtype=value.dtype, device=value.device)
+                grads = [None if g is None else g[:, 0] for g in
+                         torch.autograd.grad(value, wrt, grad_outputs=seeds, is_grads_batched=True,
+                                             allow_unused=True, retain_graph=retain)]
+            else:  # rows are independent copies: d(Σ y)/d(row r's tensors) is y_r's own gradient
+                grads = list(torch.autograd.grad(value.sum(), wrt, allow_unused=True, retain_graph=retain))
+        pad = (0, 0, 0, n - self.upto)  # the positions after ``upto`` get a zero gradient: [k, n, d_model] throughout
+        shape = (k, self.upto, hs["emb"].shape[-1])
+        emb_g, *rest = [torch.nn.functional.pad(g if g is not None else hs["emb"].new_zeros(shape), pad).detach()
+                        for g in grads]
+        resid_g, read_g = rest[:len(up)], rest[len(up):]
+        read_t = None
+        if self.reads:  # [k, R, n, d_model], zeros for the reads above the highest output
+            read_t = hs["emb"].new_zeros((k, len(self.reads), n, shape[-1]), dtype=torch.float32)
+            for j, g in zip(ran, read_g):
+                read_t[:, j] = g.float()
+        return Gradients(outputs=list(outputs), value=value.detach().float(), resid=dict(zip(up, resid_g)),
+                         emb=emb_g, reads=read_t)
 
 
 # -- node attributions -----------------------------------------------------------------------
@@ -683,12 +703,21 @@ def _pool_weights(model, saes, input_ids, state: PromptState, flat: FlatNodes, p
     (``pool_weights``), ``batch_size`` rows a backward, halved on out-of-memory."""
     from .batching import run_with_backoff
 
-    def fn(sub):
-        g = output_gradients(model, saes, input_ids, [Output(layer=k[1], feature=k[3], pos=k[2]) for k in sub])
+    def fn(sub, shared=None):
+        outs = [Output(layer=k[1], feature=k[3], pos=k[2]) for k in sub]
+        g = shared.gradients(saes, outs, retain=True) if shared else output_gradients(model, saes, input_ids, outs)
         return pool_weights(state, saes, g, flat, pool)
 
-    for chunk in _batches(features, batch_size):
+    # the features at the last position share one forward (most of them: the targets' own position); an
+    # earlier one's forward runs only up to its position
+    last = input_ids.shape[1] - 1
+    for chunk in _batches([k for k in features if k[2] != last], batch_size):
         yield from run_with_backoff(fn, chunk)
+    at_last = [k for k in features if k[2] == last]
+    if at_last:
+        shared = Forward(model, input_ids, [Output(layer=max(k[1] for k in at_last), feature=0, pos=last)])
+        for chunk in _batches(at_last, batch_size):
+            yield from run_with_backoff(functools.partial(fn, shared=shared), chunk)
 
 
 def pool_weights(state: PromptState, saes: dict[int, SAE], grads: Gradients, flat: FlatNodes,

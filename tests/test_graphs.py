@@ -282,6 +282,22 @@ def test_prompt_graphs_are_pathways_not_stars(ctx):
     inner = [(s, d) for s, d in g.edges if s[0] == "f" and d[0] == "f"]
     assert inner, "no edges between upstream features"
     assert all(s[1] < d[1] and s[2] <= d[2] for s, d in inner)  # lower layer, no later position
+    # an edge's weight is the source's first-order effect on the kept feature: central differences of
+    # the source's own contribution, scaled by 1 ± eps (the strongest edges, from earlier positions too)
+    eps = 1e-3
+    strongest = sorted(inner, key=lambda e: -abs(g.edges[e]))
+    for s, d in strongest[:2] + [e for e in strongest if e[0][2] < p][:1]:
+        a_s = g.activation[s]
+
+        def nudge(sign, s=s, a_s=a_s):
+            def edit(h):
+                h = h.clone()
+                h[:, s[2]] += sign * eps * a_s * saes[s[1]].decoder_direction(s[3])
+                return h
+            return {s[1]: edit}
+
+        slope = (_pre_at(ctx, ids, d[1], d[3], d[2], nudge(+1)) - _pre_at(ctx, ids, d[1], d[3], d[2], nudge(-1)))
+        assert slope / (2 * eps) == pytest.approx(g.edges[(s, d)], rel=2e-2, abs=1e-5)
     assert {s[2] for s in g.nodes if s[0] == "f"} - {p}, "every feature at the target's own position"
     sources = {s for s, _ in g.edges}
     assert all(k in sources for k in g.nodes if k[0] in ("f", "e"))
