@@ -5,9 +5,11 @@ for variants of it, interleaved, each figure the minimum over the repeats.
     python benchmarks/bench_graphs.py -c /tmp/rs/study-1550/config.yaml --run /tmp/rs/store-1550/0/runs/* \\
         --vs graphs.zero_bos=false --repeats 2
 
-Phases: the prompt's forward (prompt_state), the batched backwards (output_gradients), the node weights
-from them (node_weights, the norm correction included), replay, the scores; "total" is the whole
-``prompt_graphs`` call. Prints JSON last, with each variant's total over the default's.
+Phases: the prompt's forward (prompt_state); every batched backward (Forward.gradients), of which
+output_gradients holds those with a forward of their own (the outputs, the kept features before the last
+position; forward included); the outputs' node weights (node_weights, the norm correction included) and the
+edges' (pool_weights); replay; the scores. "total" is the whole ``prompt_graphs`` call. Prints JSON last,
+with each variant's total over the default's.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SECONDS: dict[str, float] = {}  # the wrapped phases add to it; cleared per prompt
-PHASES = {"graphs": ("prompt_state", "output_gradients", "node_weights", "replay_nodes", "_score"),
+PHASES = {"graphs": ("prompt_state", "output_gradients", "Forward.gradients", "node_weights", "pool_weights",
+                     "replay_nodes", "_score"),
           "scores": ("faithfulness", "circuit_tracer_scores", "completeness")}
 
 
@@ -36,7 +39,9 @@ def _timers() -> None:
 
     for mod, names in ((graphs, PHASES["graphs"]), (scores, PHASES["scores"])):
         for name in names:
-            f = getattr(mod, name)
+            owner, _, attr = name.rpartition(".")
+            holder = getattr(mod, owner) if owner else mod  # a class's method: wrapped on the class
+            f = getattr(holder, attr)
             if getattr(f, "_timed", False):
                 continue
 
@@ -50,7 +55,7 @@ def _timers() -> None:
                         SECONDS[name] = SECONDS.get(name, 0.0) + time.perf_counter() - t0
                 w._timed = True
                 return w
-            setattr(mod, name, wrap())
+            setattr(holder, attr, wrap())
 
 
 def time_graphs(cfg, targets: list[dict], prompts: list[str] | None) -> dict:

@@ -77,7 +77,8 @@ class PromptState:
         """Layer l's active entries in blocks of one position each, for one matmul per block (cached).
 
         A position holds up to thousands of entries (BOS) where most hold about the mean, so a position
-        takes as many blocks of c = the mean count as it needs. Returns (block_pos [b] — each block's
+        takes as many blocks of c = the mean count as it needs; the blocks are ordered by their rank within
+        their position, then by position. Returns (block_pos [b] — each block's
         position; dec [b, d_model, c] — column j of a block is its entry j's f·W_D[:, i]/s, zero past the
         last; slot [m] — entry e's index in the flattened [b, c])."""
         if l not in self._by_position:
@@ -86,9 +87,14 @@ class PromptState:
             counts = torch.bincount(pos, minlength=n)
             c = max(1, -(-len(pos) // n))
             blocks = -(-counts // c)  # per position
-            block_pos = torch.repeat_interleave(torch.arange(n, device=pos.device), blocks)
+            # blocks in order of their rank within their position, then position: each rank's blocks sit
+            # at increasing positions, so a run of them reads a slice of a per-position tensor, not a gather
+            has = blocks[None, :] > torch.arange(int(blocks.max()) if len(pos) else 0, device=pos.device)[:, None]
+            before = torch.cumsum(has.sum(1), 0) - has.sum(1)  # [ranks] the first block of each rank
+            nth = torch.cumsum(has, 1) - 1  # [ranks, n] a position's index among that rank's
+            block_pos = torch.nonzero(has)[:, 1]  # row-major: rank, then position
             rank = torch.arange(len(pos), device=pos.device) - (torch.cumsum(counts, 0) - counts)[pos]  # sorted
-            slot = ((torch.cumsum(blocks, 0) - blocks)[pos] + rank // c) * c + rank % c
+            slot = (before[rank // c] + nth[rank // c, pos]) * c + rank % c
             dec = torch.zeros(len(block_pos) * c, sae.d_model, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
             dec[slot] = (sae.W_dec[:, feat] * (val / sae.scale)).T
             self._by_position[l] = (block_pos, dec.view(len(block_pos), c, -1).transpose(1, 2), slot)
@@ -346,7 +352,13 @@ def norm_correction(state: PromptState, rg: ReadGradients, l: int, block_pos: to
     dec = dec.to(rg.hg.dtype)
     X = state.reads_by_position[block_pos, j0:].to(dec.dtype)  # [b, R', D]
     xd = torch.bmm(X, dec)  # [b, R', c]  ⟨x, −δ⟩
-    hd = torch.bmm(rg.hg[block_pos, j0:].reshape(b, Rl * k, D), dec).view(b, Rl, k, -1)  # ⟨ĝγ, −δ⟩
+    hd = dec.new_empty(b, Rl * k, dec.shape[-1])  # ⟨ĝγ, −δ⟩ for each read (above l) and row
+    for g0, g1 in _runs(block_pos):  # a run of blocks at increasing positions: a slice where they are consecutive
+        at = block_pos[g0:g1]
+        lo, hi = int(at[0]), int(at[-1]) + 1
+        H = rg.hg[lo:hi, j0:] if hi - lo == g1 - g0 else rg.hg[at, j0:]
+        torch.bmm(H.reshape(g1 - g0, Rl * k, D), dec[g0:g1], out=hd[g0:g1])
+    hd = hd.view(b, Rl, k, -1)
     dd = dec.pow(2).sum(1)[:, None]  # [b, 1, c]  |δ|²
     r2b = (X.pow(2).mean(-1) + state.read_eps[j0:].to(dec.dtype))[..., None]  # [b, R', 1]
     delta = (dd - 2 * xd) / D  # [b, R', c]
@@ -355,6 +367,14 @@ def norm_correction(state: PromptState, rg: ReadGradients, l: int, block_pos: to
     B = delta.pow(2) * (rn + 2 * r) / (2 * r.pow(3) * rn * (r + rn).pow(2)) - dd / (2 * D * r.pow(3))
     # Σ_reads −⟨ĝγ, −δ⟩·t + u·B: the first elementwise (t varies with the entry), the second a matmul
     return torch.bmm(rg.u[block_pos, j0:].transpose(1, 2), B) - (hd * t[:, :, None]).sum(1)  # [b, k, c]
+
+
+def _runs(block_pos: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each run of ``block_pos`` [b] at increasing positions (``PromptState.by_position``'s order)."""
+    if not len(block_pos):
+        return []
+    cut = (torch.nonzero(block_pos[1:] <= block_pos[:-1]).flatten() + 1).tolist()
+    return list(zip([0, *cut], [*cut, len(block_pos)]))
 
 
 def dense_jacobian(grads: Gradients, saes: dict[int, SAE], row: int, layer: int, pos: int) -> torch.Tensor:

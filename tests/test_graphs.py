@@ -468,3 +468,29 @@ def test_graph_batches_halve_on_out_of_memory(ctx, monkeypatch, caplog):
         assert all(b.replay[k]["actual"] == pytest.approx(v["actual"], rel=1e-4, abs=1e-6) for k, v in a.replay.items())
     assert torch.allclose(torch.stack([r["weight"] for r in dense["targets"]]),
                           torch.stack([r["weight"] for r in dense_split["targets"]]), atol=1e-6)
+
+
+def test_blocks_by_position_hold_each_entry_once_at_its_position():
+    """by_position's blocks: a position with many entries takes several blocks; each entry sits in a block of
+    its own position with its own f·W_D/s, and the blocks of one rank run at increasing positions."""
+    import types
+
+    from pathflow.graphs import PromptState, _runs
+
+    d, d_sae, n = 8, 64, 6
+    gen = torch.Generator().manual_seed(0)
+    sae = types.SimpleNamespace(d_model=d, W_dec=torch.randn(d, d_sae, generator=gen), scale=2.0)
+    counts = [0, 30, 3, 0, 7, 5]  # mean 7.5 -> blocks of 8: position 1 takes 4, 0 and 3 none
+    pos = torch.cat([torch.full((c,), q) for q, c in enumerate(counts)])
+    feat = torch.cat([torch.randperm(d_sae, generator=gen)[:c] for c in counts])
+    val = torch.rand(len(pos), generator=gen) + 0.5
+    state = PromptState(ids=list(range(n)), emb=torch.zeros(n, d), acts={0: (pos, feat, val)}, err={})
+    block_pos, dec, slot = state.by_position(0, sae)
+    c = dec.shape[-1]
+    assert c == 8 and block_pos.tolist() == [1, 2, 4, 5, 1, 1, 1]
+    assert len(set(slot.tolist())) == len(pos)
+    assert torch.equal(block_pos[slot // c], pos)
+    flat = dec.transpose(1, 2).reshape(-1, d)  # [b * c, d]
+    assert torch.allclose(flat[slot], (sae.W_dec[:, feat] * val / 2.0).T)
+    assert flat.abs().sum() == pytest.approx(float(flat[slot].abs().sum()))  # nothing else in the blocks
+    assert _runs(block_pos) == [(0, 4), (4, 5), (5, 6), (6, 7)]
