@@ -511,6 +511,7 @@ class FlatNodes:
     (layers in order), then the SAE errors [layer, position], then the embeddings [position].
 
     layer, pos: [N]  each node's layer (−1 for embeddings) and position;  kind: "f" | "e" | "E" by range.
+    f_feat, f_index: [m]  each feature node's SAE feature and its index in its layer's ``PromptState.acts``.
     A row of node weights over this space is a tensor [N]: selection and edges are gathers on it, so
     nothing is kept per (node × active entry) as Python objects."""
 
@@ -521,6 +522,9 @@ class FlatNodes:
         f_layer = torch.cat([torch.full((len(state.acts[l][0]),), l) for l in layers]) if layers else torch.zeros(0)
         f_pos = torch.cat([state.acts[l][0].cpu() for l in layers]) if layers else torch.zeros(0)
         self.f_feat = torch.cat([state.acts[l][1].cpu() for l in layers]).long() if layers else torch.zeros(0).long()
+        # each feature node's index in its layer's ``PromptState.acts`` entries
+        self.f_index = torch.cat([torch.arange(len(state.acts[l][0])) for l in layers]) if layers else \
+            torch.zeros(0).long()
         self.m = len(f_layer)
         e_layer = torch.tensor(layers).repeat_interleave(n)
         e_pos = torch.arange(n).repeat(len(layers))
@@ -751,15 +755,13 @@ def pool_weights(state: PromptState, saes: dict[int, SAE], grads: Gradients, fla
     pos_of = torch.tensor([o.pos for o in grads.outputs])
     L, Q = flat.layer[pool], flat.pos[pool]
     out = torch.zeros(k, len(pool))
-    start = dict(zip(flat.layers, torch.cumsum(torch.tensor([0] + [len(state.acts[l][0]) for l in flat.layers]),
-                                               0).tolist()))
     is_feat = pool < flat.m
     for l in sorted(set(L[L >= 0].tolist()) & set(grads.resid)):
         g = grads.resid[l]
         at = torch.nonzero(is_feat & (L == l)).flatten()
         if len(at):  # g_l[q] · f W_D[:, i] / s
             sae = saes[l]
-            j = (pool[at] - start[l]).to(device)
+            j = flat.f_index[pool[at]].to(device)
             _, feat, val = state.acts[l]
             dirs = (sae.W_dec[:, feat[j]] * (val[j] / sae.scale)).T  # [P_l, d_model]
             out[:, at] = (g[:, Q[at].to(device)].to(dirs.dtype) * dirs[None]).sum(-1).float().cpu()
