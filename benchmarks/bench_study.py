@@ -187,6 +187,9 @@ def main(argv=None) -> dict:
                     help="also run a variant of the config with these keys set (YAML values; repeatable), each "
                          "repeat running the default and the variant in turn; prints the variant's steps and the "
                          "ratios, e.g. --vs attribution.method=gradient --vs attribution.replay_top=0")
+    ap.add_argument("--vs-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="the variant runs with this environment variable set (repeatable; with or without --vs), "
+                         "e.g. --vs-env PATHFLOW_COMPUTE_THREAD=0")
     args = ap.parse_args(argv)
     from pathflow.demo import write_demo
 
@@ -214,7 +217,8 @@ def main(argv=None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     walls, steps_seen, outside = [], {s: [] for s in STEPS}, []
     variant = None
-    if args.vs:
+    venv = {**env, **dict(item.partition("=")[::2] for item in args.vs_env)}
+    if args.vs or args.vs_env:
         data = yaml.safe_load(cfg.read_text())
         for item in args.vs:
             key, _, value = item.partition("=")
@@ -229,7 +233,7 @@ def main(argv=None) -> dict:
             vstore = work / f"store-{args.features}" / f"variant-{i}"
             t0 = time.perf_counter()
             r = subprocess.run([sys.executable, "-m", "pathflow", "run", "-c", str(variant), "--store", str(vstore)],
-                               capture_output=True, text=True, env=env, cwd=str(ROOT))
+                               capture_output=True, text=True, env=venv, cwd=str(ROOT))
             var_walls.append(time.perf_counter() - t0)
             if r.returncode != 0:
                 print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
@@ -280,7 +284,7 @@ def main(argv=None) -> dict:
     }
     if variant is not None:
         vsteps = {s: min(v) for s, v in var_steps.items() if v}
-        result["variant"] = {"set": args.vs, "run_wall": min(var_walls), "steps": vsteps,
+        result["variant"] = {"set": args.vs, "env": args.vs_env, "run_wall": min(var_walls), "steps": vsteps,
                              "default_over_variant": {s: steps[s] / max(vsteps[s], 1e-9) for s in vsteps if s in steps},
                              "wall_default_over_variant": wall / max(min(var_walls), 1e-9)}
     print(json.dumps(result, indent=2))

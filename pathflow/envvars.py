@@ -50,7 +50,10 @@ SIMULATE_OOM_ABOVE = Number("PATHFLOW_SIMULATE_OOM_ABOVE", -1, 0, 1 << 30, integ
                             help="(testing) batches larger than this fail as out of memory")
 BATCH_DELAY_S = Number("PATHFLOW_BATCH_DELAY_S", 0.0, 0.0, 3600.0, help="(testing) seconds each batch waits")
 
-NUMBERS = (LEASE_TTL_S, INTERRUPT_GRACE_S, MAX_JSON_MB, SIMULATE_OOM_ABOVE, BATCH_DELAY_S)
+COMPUTE_THREAD = Number("PATHFLOW_COMPUTE_THREAD", 1, 0, 1, integer=True,
+                        help="(benchmarking) 1: a process's model work runs on one thread; 0: on the calling one")
+
+NUMBERS = (LEASE_TTL_S, INTERRUPT_GRACE_S, MAX_JSON_MB, SIMULATE_OOM_ABOVE, BATCH_DELAY_S, COMPUTE_THREAD)
 
 
 def check_all() -> None:

@@ -21,6 +21,7 @@ import os
 import struct
 from pathlib import Path
 
+from .compute_thread import on_compute_thread
 from .errors import PathflowError
 from .readers import reject_constant
 
@@ -62,6 +63,7 @@ def read_header(path: Path) -> dict[str, dict]:
     return header
 
 
+@on_compute_thread  # torch's parallel reductions: on the thread the run's model work uses
 def check_finite(path: Path) -> None:
     """Every tensor of ``path`` finite (one tensor in memory at a time; remembered while the file is
     unchanged)."""

@@ -10,6 +10,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
+from pathflow.compute_thread import on_compute_thread
 from pathflow.config import Config
 from pathflow.context import get_context
 from pathflow.contrast import CONTRAST_DIR, align, contrast_run, summary_doc
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 
 @task(name="contrast", task_run_name="contrast", tags=["gpu"], cache_policy=NONE)
+@on_compute_thread
 def contrast_prompts(cfg: Config, store_url: str, run_id: str, targets: list[dict]) -> dict[str, dict]:
     """``integrated/contrast/``: the prompts' alignment, one record per target graphed on both prompts
     (``targets.json``), the study's summary (``summary.json``) and its arrays (``contrast.zarr``).

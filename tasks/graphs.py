@@ -9,6 +9,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
+from pathflow.compute_thread import on_compute_thread
 from pathflow.config import Config
 from pathflow.context import get_context
 from pathflow.feature_examples import feature_file, feature_path, prompt_entries
@@ -32,6 +33,7 @@ from .common import open_run, step
 
 
 @task(name="graphs", task_run_name="graphs", tags=["gpu"], cache_policy=NONE)
+@on_compute_thread
 def attribution_graphs(cfg: Config, store_url: str, run_id: str, targets: list[dict],
                        tokens: dict | None = None) -> dict[str, dict[str, str]]:
     """``integrated/graphs/{slug}.json`` for the strongest ``graphs.max_targets`` targets on each

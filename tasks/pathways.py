@@ -21,6 +21,7 @@ from prefect.cache_policies import NONE
 
 from pathflow import interrupt
 from pathflow.batching import batch_size_for_attempt, chunks, is_oom
+from pathflow.compute_thread import on_compute_thread
 from pathflow.config import Config
 from pathflow.context import get_context
 from pathflow.envvars import BATCH_DELAY_S
@@ -39,6 +40,8 @@ FAIL_ENV = "PATHFLOW_FAIL_BATCH"  # debugging aid: comma-separated batch names t
 PLAN = "pathways/plan.json"
 JACOBIANS = "jacobians.zarr"
 _MODEL_LOCK = threading.Lock()  # hooks live on the shared model: one batch at a time per process
+# a sub-batch computed and not yet written holds its Jacobians: one being written while the next is computed
+_IN_FLIGHT = threading.BoundedSemaphore(2)
 
 
 def done_marker(batch_name: str) -> str:
@@ -120,7 +123,23 @@ def retry_on_oom(task, task_run, state) -> bool:
     return False
 
 
+@on_compute_thread
+def trace_sub_batch(cfg: Config, sub: Batch, max_rows: int | None = None):
+    """Phases A (Jacobians), B (top-k) and C (replay) of one sub-batch, on the compute thread:
+    (BatchJacobians, candidates, validated)."""
+    ctx = get_context(cfg)
+    decision = decision_ids(cfg, ctx.tokenizer) if cfg.decision.replay else None
+    with _MODEL_LOCK:  # with PATHFLOW_COMPUTE_THREAD=0, batches' threads still take turns
+        prefixes = ctx.prefixes()
+        bj = phase_a(ctx.model, ctx.saes, prefixes, sub, ctx.n_layers, ctx.device, backoff=False)
+        c = phase_b(bj, cfg.topk.k, cfg.topk.score, cfg.topk.min_abs_gradient)
+        v = phase_c(ctx.model, ctx.saes, prefixes, sub, c, cfg.replay, backoff=False, max_rows=max_rows,
+                    decision=decision)
+    return bj, c, v
+
+
 @task(name="prepare-jacobians", task_run_name="prepare-jacobians", tags=["gpu"], cache_policy=NONE)
+@on_compute_thread
 def prepare_jacobians(cfg: Config, store_url: str, run_id: str, targets: list[dict]) -> None:
     """Create jacobians.zarr (one row per target) before any batch writes. Its shape comes from the
     model's and SAE's metadata files when they are at hand (a shard parent need not load the model),
@@ -140,7 +159,9 @@ def prepare_jacobians(cfg: Config, store_url: str, run_id: str, targets: list[di
 @task(name="pathways", task_run_name="pathways-{batch.name}", tags=["gpu"], cache_policy=NONE,
       retries=OOM_RETRIES, retry_condition_fn=retry_on_oom)
 def batch_pathways(cfg: Config, store_url: str, run_id: str, batch: Batch) -> dict:
-    """Phases A–C for one batch; returns {"candidates": {...}, "validated": {...}, "marker": {...}}."""
+    """Phases A–C for one batch; returns {"candidates": {...}, "validated": {...}, "marker": {...}}.
+    The model work runs on the process's compute thread; reading and writing the run folder stays on
+    the task's own thread, so one batch's writes overlap the next one's model work."""
     from prefect.runtime import task_run
 
     run = open_run(store_url, run_id)
@@ -158,17 +179,14 @@ def batch_pathways(cfg: Config, store_url: str, run_id: str, batch: Batch) -> di
     size = batch_size_for_attempt(cfg.gradients.batch_size, attempt)
     if attempt > 1:
         logger.warning("%s: attempt %d after out-of-memory, sub-batches of %d", batch.name, attempt, size)
-    ctx = get_context(cfg)
     t0 = time.perf_counter()
     interrupt.sleep(BATCH_DELAY_S.read())  # debugging aid: slow batches down
     cands, validated, memory, chunks_written = {}, {}, [], []
-    decision = decision_ids(cfg, ctx.tokenizer) if cfg.decision.replay else None
-    with _MODEL_LOCK:
-        prefixes = ctx.prefixes()
-        for j, part in enumerate(chunks(batch.targets, size)):
-            interrupt.check()
-            sub = Batch(name=f"{batch.name}.{j}", layer=batch.layer, targets=list(part))
-            bj = phase_a(ctx.model, ctx.saes, prefixes, sub, ctx.n_layers, ctx.device, backoff=False)
+    for j, part in enumerate(chunks(batch.targets, size)):
+        interrupt.check()
+        sub = Batch(name=f"{batch.name}.{j}", layer=batch.layer, targets=list(part))
+        with _IN_FLIGHT:
+            bj, c, v = trace_sub_batch(cfg, sub, max_rows=size if attempt > 1 else None)
             group = open_jacobians(run.zarr_store(JACOBIANS))
             rows = [t["index"] for t in sub.targets]
             write_rows(group, rows, bj.grad, valid_layers=batch.layer)
@@ -176,11 +194,10 @@ def batch_pathways(cfg: Config, store_url: str, run_id: str, batch: Batch) -> di
             if writes_activation:  # stored once, by one batch
                 write_activation(group, bj.activation)
             chunks_written += [f"{JACOBIANS}/{k}" for k in chunk_keys(group, rows, writes_activation)]
-            c = phase_b(bj, cfg.topk.k, cfg.topk.score, cfg.topk.min_abs_gradient)
-            validated.update(phase_c(ctx.model, ctx.saes, prefixes, sub, c, cfg.replay, backoff=False,
-                                      max_rows=size if attempt > 1 else None, decision=decision))
-            cands.update(c)
             memory.append(bj.memory)
+            del bj
+        validated.update(v)
+        cands.update(c)
     outputs = {rel: run.sha256(rel) if run.exists(rel) else None for rel in chunks_written}
     outputs[part_file(batch.name, "candidates")] = run.write_json(part_file(batch.name, "candidates"), cands)
     outputs[part_file(batch.name, "validated")] = run.write_json(part_file(batch.name, "validated"), validated)

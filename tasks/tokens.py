@@ -7,6 +7,7 @@ import random
 from prefect import task
 from prefect.cache_policies import NONE
 
+from pathflow.compute_thread import on_compute_thread
 from pathflow.config import Config
 from pathflow.context import get_context
 from pathflow.model import unembed
@@ -26,6 +27,7 @@ METHOD = {
 
 
 @task(name="tokens", task_run_name="tokens", tags=["gpu"], cache_policy=NONE)
+@on_compute_thread
 def token_associations(cfg: Config, store_url: str, run_id: str, features: list[dict]) -> dict:
     ctx = get_context(cfg)
     run = open_run(store_url, run_id)
