@@ -4,10 +4,12 @@ PyTorch's CPU build runs parallel operators on GNU OpenMP, and every thread that
 OpenMP team of its own that lives as long as the thread. Once a process's teams hold more threads
 than it has CPUs, libgomp "throttles": its idle workers stop spinning between parallel regions
 almost at once (100 spins instead of 300,000) and every operator pays a futex wake-up per worker.
-Prefect runs each mapped task on a thread of its pool (a run's 217 pathway batches are 217 threads,
-alive until the flow ends), so a run used to hold hundreds of teams, and from the second batch on
-every operator ran throttled: measured on a 2-core machine, the same backwards ran 25–35% slower in
-such a thread than in the first thread to use OpenMP.
+Prefect runs each mapped task on a thread of its pool (a real-shape run's 62 pathway batches are 62
+threads, alive until the flow ends), so a run held dozens of teams and its operators ran throttled:
+on a 2-core machine, the same backwards ran 25–35% slower in such a thread than in the first thread
+to use OpenMP, and the 1,536-feature demo study's graphs step took 16.5 s against 9.3 s on one thread
+(docs/benchmarks.md, stop 30, has the side-by-side runs; at the real shapes, whose operators are
+larger, the gain was small).
 
 ``on_compute_thread`` runs a function on one long-lived thread of the process instead, the caller
 waiting for it: one OpenMP team whatever thread (Prefect's or the main one) asks. The caller's
