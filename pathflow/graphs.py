@@ -853,22 +853,18 @@ def replay_nodes(model, saes: dict[int, SAE], input_ids: torch.Tensor, state: Pr
 
 def _replay_chunk(model, saes, input_ids, acts, chunk, q, prefix, targets, decision, top, out) -> None:
     """``replay_nodes`` for the nodes ``chunk`` at position q, as one batch (row 0 the baseline), into ``out``."""
-    from .model import run_from
+    from .model import joining_rows, run_from
 
-    rows = 1 + len(chunk)  # row 0: the unedited baseline
-    by_layer: dict[int, torch.Tensor] = {}
-    for r, k in enumerate(chunk, start=1):
-        sae = saes[k[1]]
-        d = by_layer.setdefault(k[1], torch.zeros(rows, sae.d_model, dtype=sae.W_dec.dtype,
-                                                  device=sae.W_dec.device))
-        d[r] -= acts[k] * sae.decoder_direction(k[3])
-    edits = {l: (lambda h, d=d: torch.cat([h[:, :1] + d.to(h.dtype)[:, None], h[:, 1:]], 1))
-             for l, d in by_layer.items()}
+    chunk = sorted(chunk, key=lambda k: k[1])  # row 0 the unedited baseline; a row joins at its node's layer
+    by_layer: dict[int, list[torch.Tensor]] = {}
+    for k in chunk:
+        by_layer.setdefault(k[1], []).append(-acts[k] * saes[k[1]].decoder_direction(k[3]))
+    edits = joining_rows({l: torch.stack(d) for l, d in by_layer.items()})
     with resid_hooks(model, capture={t.layer for t in targets} | {top}, edits=edits) as hs:
         if prefix is None:
-            run(model, input_ids.expand(rows, -1))
+            run(model, input_ids)
         else:
-            run_from(model, prefix, input_ids, rows)
+            run_from(model, prefix, input_ids, 1)
     dec = logit_difference(model, hs[top][:, -1], *decision).float()
     for r, k in enumerate(chunk, start=1):
         out[k] = {"decision": float(dec[r] - dec[0]), "target": {}}

@@ -179,6 +179,25 @@ def replace_hidden(output, hidden: torch.Tensor):
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
 
+def joining_rows(deltas: dict[int, torch.Tensor]) -> dict[int, Edit]:
+    """Edits for replays whose rows join the forward at the layer of their own edit: the forward starts
+    with row 0 alone (the unedited baseline), and after layer l the rows edited there are added as
+    copies of row 0 with ``deltas[l]`` [m_l, d_model] added at the first position. Below its edit a row
+    would only repeat row 0's work (a replay row differs from the baseline from its edit's layer on).
+
+    Rows come out as [0, those of the lowest layer in ``deltas[l]``'s order, the next layer's, …]."""
+
+    def join(d: torch.Tensor) -> Edit:
+        def edit(h: torch.Tensor) -> torch.Tensor:  # h [rows, seq, d_model] -> [rows + m_l, seq, d_model]
+            first = h[:1, :1] + d.to(h.dtype)[:, None, :]
+            new = torch.cat([first, h[:1, 1:].expand(len(d), -1, -1)], 1) if h.shape[1] > 1 else first
+            return torch.cat([h, new])
+
+        return edit
+
+    return {l: join(d) for l, d in deltas.items()}
+
+
 @contextmanager
 def resid_hooks(
     model,

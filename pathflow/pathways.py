@@ -107,7 +107,8 @@ def phase_a(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, n_layer
     layer, k = batch.layer, len(batch.targets)
     prompts = list(prefixes)
     d_sae = saes[layer].d_sae
-    grad = np.full((k, len(prompts), n_layers, d_sae), np.nan, np.float32)
+    grad = np.empty((k, len(prompts), n_layers, d_sae), np.float32)  # layers below ``layer`` filled below
+    grad[:, :, layer:] = np.nan
     act = np.zeros((len(prompts), layer, d_sae), np.float32)
     pre = np.zeros((k, len(prompts)), np.float32)
     splits: list[int] = []

@@ -4,11 +4,11 @@ Ablating upstream feature i of layer l at position p removes ``scale·f_i·W_D[i
 ``h_l[p]`` (the SAE error term stays fixed, exactly as in the Jacobian's linearisation).
 The gradient predicts ``Δpre_t ≈ scale · attribution``; the replay measures the real Δpre_t.
 All candidates of a target run as rows of one batch, row 0 being the unedited baseline, and
-only the token at p is recomputed, against the prompt's cached keys/values (``PrefixCache``):
-the layers below the candidate see the same input in every row, so the cost per candidate is
-one token through at most ``target layer + 1`` layers — or, to see the study's decision move
-(the target at the last token), through every layer, and from the target's layer on a second
-time with the target held at its baseline (the held rows join there; below it they are the free rows).
+only the token at p is recomputed, against the prompt's cached keys/values (``PrefixCache``).
+Below its candidate's layer a row is the baseline, so each row joins the forward at that layer
+(``joining_rows``): the cost per candidate is one token through the layers from its own up to the
+target's — or, to see the study's decision move (the target at the last token), up to the last layer,
+and from the target's layer on a second time with the target held at its baseline (the held rows join there).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .jacobian import target_pre
-from .model import PrefixCache, decoder_layers, logit_difference, prefix_cache, resid_hooks, run_last
+from .model import PrefixCache, decoder_layers, joining_rows, logit_difference, prefix_cache, resid_hooks, run_last
 
 
 def pearson(x, y) -> float | None:
@@ -52,15 +52,13 @@ def intervene(c: dict, intervention: str, scale: float, steer_value: float) -> t
 
 
 def edit_deltas(saes, candidates: list[dict], new_values: list[float]) -> dict[int, torch.Tensor]:
-    """Per upstream layer, the change to h_l[p] of every replay row: {l: [1+n, d_model]} (row 0 = baseline)."""
-    n = len(candidates)
-    deltas: dict[int, torch.Tensor] = {}
-    for row, (c, v) in enumerate(zip(candidates, new_values), start=1):
+    """Per upstream layer l, the change to h_l[p] of each candidate edited there, in the candidates' order:
+    {l: [m_l, d_model]} (``joining_rows``' input)."""
+    deltas: dict[int, list[torch.Tensor]] = {}
+    for c, v in zip(candidates, new_values):
         sae = saes[c["layer"]]
-        if c["layer"] not in deltas:
-            deltas[c["layer"]] = torch.zeros(1 + n, sae.d_model, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
-        deltas[c["layer"]][row] = (v - c["activation"]) * sae.decoder_direction(c["feature_id"])
-    return deltas
+        deltas.setdefault(c["layer"], []).append((v - c["activation"]) * sae.decoder_direction(c["feature_id"]))
+    return {l: torch.stack(d) for l, d in deltas.items()}
 
 
 @torch.no_grad()
@@ -104,6 +102,9 @@ def replay_rows(model, saes, layer: int, features: list[int], rows: list[tuple[i
 
     Returns (each target's baseline pre-activation [len(features)], one record per row, as ``replay``)."""
     n = len(rows)
+    # rows join the forward at their candidate's layer (``joining_rows``): in order of it, put back at the end
+    order = sorted(range(n), key=lambda r: rows[r][1]["layer"])
+    rows = [rows[r] for r in order]
     cands = [c for _, c in rows]
     owner = [0] + [t for t, _ in rows]  # the target each batch row measures (row 0: any; it is the baseline)
     row_feature = [features[t] for t in owner]
@@ -112,10 +113,7 @@ def replay_rows(model, saes, layer: int, features: list[int], rows: list[tuple[i
     last = decision is not None and prefix.position == prefix.n_tokens - 1
     sae = saes[layer]
 
-    def edit_for(delta: torch.Tensor):
-        return lambda h: h + delta.to(h.dtype)[:, None, :]  # h: [1+n, 1, d_model], the token at p
-
-    edits = {l: edit_for(d) for l, d in deltas.items()}
+    edits = joining_rows(deltas)  # h: [rows so far, 1, d_model], the token at p
     top = len(decoder_layers(model)) - 1
     if last:
         directions = (sae.W_dec[:, row_feature] / sae.scale).T  # each row's target's decoder direction [1+n, d_model]
@@ -132,7 +130,7 @@ def replay_rows(model, saes, layer: int, features: list[int], rows: list[tuple[i
         edits[layer] = hold  # upstream candidates only: nothing else edits the target's layer
     with resid_hooks(model, capture={layer} | ({top} if last else set()), edits=edits,
                      stop_after=None if last else layer) as hs:
-        run_last(model, prefix, 1 + n)
+        run_last(model, prefix, 1)  # row 0; the others join at their layers
     x = hs[layer][: 1 + n, -1].to(sae.W_enc.dtype)
     pre = target_pre(sae, x, row_feature).float()
     act = sae.gate(pre)
@@ -152,7 +150,10 @@ def replay_rows(model, saes, layer: int, features: list[int], rows: list[tuple[i
             rec.update(decision_change=free, decision_change_held=held,
                        decision_share_through_target=(1.0 - held / free) if abs(free) > 1e-9 else None)
         out.append(rec)
-    return base_pre.tolist(), out
+    unsorted: list[dict] = [{}] * n
+    for i, r in enumerate(order):
+        unsorted[r] = out[i]
+    return base_pre.tolist(), unsorted
 
 
 VALIDATED = ("validated: the replayed change agrees in sign with the prediction, is at least {noise:.0%} of the "

@@ -85,7 +85,8 @@ def write_rows(group: zarr.Group, rows: list[int], grad: np.ndarray, valid_layer
     """Write whole target rows (= whole chunks): grad [len(rows), prompt, layer, feature]. With
     ``valid_layers`` (the rows' target layer), only layers below it are rounded; the rest is NaN."""
     if valid_layers is not None and valid_layers < grad.shape[2]:
-        out = np.full(grad.shape, np.nan, np.float32)
+        out = np.empty(grad.shape, np.float32)  # each value written once: NaN above, rounded below
+        out[:, :, valid_layers:] = np.nan
         out[:, :, :valid_layers] = _rounded(group, grad[:, :, :valid_layers])
         grad = out
     else:

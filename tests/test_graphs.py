@@ -412,35 +412,40 @@ def test_replay_measures_the_decision_free_and_with_the_target_held(ctx):
 
 
 def test_nodes_at_earlier_positions_are_replayed_from_there_on(ctx):
-    """A node at q < p is ablated at q and positions q.. recomputed against the cache before q:
-    the same change as a full forward with that edit, for the target and the decision."""
+    """A node at q < p is ablated at q and positions q.. recomputed against the cache before q, each row
+    joining the forward at its node's layer: the same change as a full forward with that edit, for the
+    target and the decision, whatever the order and mix of layers the nodes come in (a node at or above a
+    target's layer does not change it)."""
     from pathflow.graphs import replay_nodes
 
     saes = ctx.saes_up_to(3)
     ids = ctx.prompt_ids["safe"]
     n = ids.shape[1]
     state = prompt_state(ctx.model, saes, ids)
-    pos, feat, val = state.acts[1]
-    nodes = [("f", 1, int(pos[j]), int(feat[j])) for j in range(len(pos)) if int(pos[j]) in (0, n - 7, n - 2)]
-    nodes = [k for q in (0, n - 7, n - 2) for k in [k for k in nodes if k[2] == q][:2]]
-    assert {k[2] for k in nodes} == {0, n - 7, n - 2}
+    nodes = []
+    for q in (0, n - 7, n - 2):
+        for layer in (2, 0, 3, 1):  # not in order: rows are sorted by layer inside a replay and put back
+            pos, feat, _ = state.acts[layer]
+            nodes += [("f", layer, q, int(feat[j])) for j in range(len(pos)) if int(pos[j]) == q][:1 + (layer == 1)]
+    assert {k[2] for k in nodes} == {0, n - 7, n - 2} and {k[1] for k in nodes} == {0, 1, 2, 3}
     targets = [Target("L3-5", 3, 5, n - 1), Target("L2-17", 2, 17, n - 4)]
     got = replay_nodes(ctx.model, saes, ids, state, nodes, targets, (BET, STOP), batch_size=2)
     with torch.no_grad():
         base = ctx.model(ids).logits[0, -1]
+    acts = state.activations
     for k in nodes:
-        a = float(val[[j for j in range(len(pos)) if (1, int(pos[j]), int(feat[j])) == k[1:]][0]])
-
-        def ablate(h, q=k[2], d=saes[1].decoder_direction(k[3]) * a):
+        def ablate(h, q=k[2], d=saes[k[1]].decoder_direction(k[3]) * acts[k]):
             h = h.clone()
             h[:, q] -= d
             return h
 
         for t in targets:
-            want = _pre_at(ctx, ids, t.layer, t.feature, t.pos, {1: ablate}) - _pre_at(ctx, ids, t.layer, t.feature,
-                                                                                        t.pos)
+            want = _pre_at(ctx, ids, t.layer, t.feature, t.pos, {k[1]: ablate}) - _pre_at(ctx, ids, t.layer,
+                                                                                           t.feature, t.pos)
+            if k[1] >= t.layer:
+                want = 0.0
             assert got[k]["target"][t.name] == pytest.approx(want, abs=1e-5), (k, t.name)
-        with torch.no_grad(), resid_hooks(ctx.model, edits={1: ablate}):
+        with torch.no_grad(), resid_hooks(ctx.model, edits={k[1]: ablate}):
             moved = ctx.model(ids).logits[0, -1]
         assert got[k]["decision"] == pytest.approx(float((moved[BET] - moved[STOP]) - (base[BET] - base[STOP])),
                                                    abs=1e-4)

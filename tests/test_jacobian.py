@@ -1,6 +1,7 @@
 """The Jacobian (DESIGN §3) against independent computations: an SAE spliced into the model
 and differentiated by autograd, and finite differences of a real intervention."""
 
+import pytest
 import torch
 
 from pathflow.jacobian import jacobians, target_pre
@@ -90,3 +91,35 @@ def test_full_ablation_replay_equals_full_forward(ctx):
             run(ctx.model, ids)
         pre = float(target_pre(saes[layer], hs[layer][:, -1], [feat]))
         assert abs((pre - base) - r["actual_change"]) < 1e-5
+
+
+def test_replay_rows_join_at_their_layer_in_any_order(ctx):
+    """Candidates of several layers, given out of layer order, each replayed as a row that joins the
+    forward at its own layer: every record is its own candidate's (the target's and the decision's change
+    equal one plain forward with that edit alone), in the order given."""
+    layer, feat = 3, 56
+    ids = ctx.prompt_ids["safe"]
+    saes = ctx.saes_up_to(layer)
+    tj = jacobians(ctx.model, saes, ids, layer, [feat])
+    cands = top_candidates(tj.grad[0], tj.activation, tj.layers, k=9)
+    cands = sorted(cands, key=lambda c: (-c["layer"], c["rank"]))  # highest layer first
+    assert len({c["layer"] for c in cands}) >= 2
+    bet, stop = 18, 19
+    base, recs = replay(ctx.model, saes, ids, layer, feat, cands, decision=(bet, stop))
+    with torch.no_grad():
+        logits = ctx.model(ids).logits[0, -1]
+    for c, r in zip(cands, recs):
+        assert r["feature"] == c["feature"]
+        sae_u = saes[c["layer"]]
+
+        def edit(h, c=c, sae_u=sae_u):
+            h = h.clone()
+            h[:, -1] -= c["activation"] * sae_u.W_dec[:, c["feature_id"]] / sae_u.scale
+            return h
+
+        with torch.no_grad(), resid_hooks(ctx.model, capture={layer}, edits={c["layer"]: edit}) as hs:
+            moved = ctx.model(ids).logits[0, -1]
+        pre = float(target_pre(saes[layer], hs[layer][:, -1], [feat]))
+        assert abs((pre - base) - r["actual_change"]) < 1e-5
+        assert r["decision_change"] == pytest.approx(float(moved[bet] - moved[stop] - logits[bet] + logits[stop]),
+                                                     abs=1e-4)
