@@ -23,13 +23,16 @@ def top_candidates(
     """
     if grad.numel() == 0:
         return []
-    attribution = -grad * activation
-    s = (attribution if score == "attribution" else grad).abs()
-    s = torch.where(grad.abs() > min_abs_gradient, s, torch.full_like(s, -1.0))
-    if score == "attribution":
-        s = torch.where(activation != 0, s, torch.full_like(s, -1.0))  # an off feature cannot be ablated
-    flat = s.flatten()
-    vals, idx = torch.topk(flat, min(k, flat.numel()))
+    if score == "attribution":  # an off feature cannot be ablated: only the active ones (~100 of 32K) compete
+        act = activation.flatten()
+        on = torch.nonzero(act).flatten()
+        g = grad.flatten()[on]
+        s = torch.where(g.abs() > min_abs_gradient, (g * act[on]).abs(), torch.full_like(g, -1.0))
+        vals, at = torch.topk(s, min(k, s.numel()))
+        idx = on[at]
+    else:
+        s = torch.where(grad.abs() > min_abs_gradient, grad.abs(), torch.full_like(grad, -1.0)).flatten()
+        vals, idx = torch.topk(s, min(k, s.numel()))
     d_sae = grad.shape[1]
     out = []
     for rank, (v, i) in enumerate(zip(vals.tolist(), idx.tolist()), start=1):
@@ -45,7 +48,7 @@ def top_candidates(
                 "feature_id": fid,
                 "gradient": float(grad[li, fid]),
                 "activation": float(activation[li, fid]),
-                "attribution": float(attribution[li, fid]),
+                "attribution": float(-grad[li, fid] * activation[li, fid]),
                 "score": float(v),
             }
         )

@@ -83,14 +83,16 @@ def _rounded(group: zarr.Group, x: np.ndarray) -> np.ndarray:
 
 def write_rows(group: zarr.Group, rows: list[int], grad: np.ndarray, valid_layers: int | None = None) -> None:
     """Write whole target rows (= whole chunks): grad [len(rows), prompt, layer, feature]. With
-    ``valid_layers`` (the rows' target layer), only layers below it are rounded; the rest is NaN."""
-    if valid_layers is not None and valid_layers < grad.shape[2]:
-        out = np.empty(grad.shape, np.float32)  # each value written once: NaN above, rounded below
-        out[:, :, valid_layers:] = np.nan
-        out[:, :, :valid_layers] = _rounded(group, grad[:, :, :valid_layers])
-        grad = out
-    else:
-        grad = _rounded(group, grad)
+    ``valid_layers`` (the rows' target layer), only layers below it are rounded; the rest is NaN.
+    Rounded a (row, prompt) piece at a time: a piece's copies (a few MB) are reused from the heap, where
+    a whole batch's (up to 130 MB each, several per rounding) were mapped fresh from the OS every batch."""
+    valid = grad.shape[2] if valid_layers is None else min(valid_layers, grad.shape[2])
+    out = np.empty(grad.shape, np.float32)  # each value written once: NaN above, rounded below
+    out[:, :, valid:] = np.nan
+    for i in range(grad.shape[0]):
+        for p in range(grad.shape[1]):
+            out[i, p, :valid] = _rounded(group, grad[i, p, :valid])
+    grad = out
     # one call, so Zarr encodes the rows' chunks concurrently; a batch's rows are usually consecutive,
     # and a slice is Zarr's fast path
     if list(rows) == list(range(rows[0], rows[0] + len(rows))):

@@ -197,3 +197,31 @@ def test_concurrent_writers_never_lose_rows(tmp_path):
     assert (open_jacobians(path)["grad"][5] == 5).all()
     with pytest.raises(ValueError, match="other targets"):
         create_jacobians(path, ["L1-0"], ["safe", "risky"], 3, 64)
+
+
+def test_top_candidates_rank_as_a_brute_force_sort():
+    """Step 3B against a plain sort over every (layer, feature): by |gradient × activation| among the active
+    features whose |gradient| passes the floor, or by |gradient| among all; fewer than k when fewer qualify."""
+    from pathflow.topk import top_candidates
+
+    g = torch.Generator().manual_seed(3)
+    grad = torch.randn(3, 500, generator=g)
+    act = torch.where(torch.rand(3, 500, generator=g) < 0.02, torch.rand(3, 500, generator=g), torch.zeros(3, 500))
+    layers = [4, 5, 6]
+    every = [(li, f) for li in range(3) for f in range(500)]
+    for score, floor in (("attribution", 0.0), ("attribution", 1.0), ("gradient", 0.5)):
+        if score == "attribution":
+            ok = [(li, f) for li, f in every if act[li, f] != 0 and abs(grad[li, f]) > floor]
+            key = [abs(float(grad[li, f] * act[li, f])) for li, f in ok]
+        else:
+            ok = [(li, f) for li, f in every if abs(grad[li, f]) > floor]
+            key = [abs(float(grad[li, f])) for li, f in ok]
+        want = [ok[j] for j in sorted(range(len(ok)), key=lambda j: -key[j])]
+        for k in (5, len(want) + 3):
+            got = top_candidates(grad, act, layers, k=k, score=score, min_abs_gradient=floor)
+            assert [(layers.index(c["layer"]), c["feature_id"]) for c in got] == want[:k]
+            assert [c["rank"] for c in got] == list(range(1, len(got) + 1))
+            for c in got:
+                li = layers.index(c["layer"])
+                assert c["attribution"] == pytest.approx(-float(grad[li, c["feature_id"]] * act[li, c["feature_id"]]))
+                assert c["feature"] == f"L{c['layer']}-{c['feature_id']}"
