@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -22,8 +23,11 @@ from pathlib import Path
 
 from pathflow.errors import PathflowError
 
+log = logging.getLogger(__name__)
+
 _PR_SET_PDEATHSIG = 1
 _PROCS: list[subprocess.Popen] = []  # running servers of this process, for stop_all()
+_TAIL_CHARS = 2000  # of the server's own output, shown when it fails to start
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -39,21 +43,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _server_log(port: int):
+    """A file for the server's own output: ``PREFECT_HOME/logs/pathflow-server-<port>.log``, or an
+    unnamed temporary file where PREFECT_HOME cannot be written (``check_prefect_env`` says so later)."""
+    import tempfile
+
+    try:
+        from prefect.settings import Settings
+
+        folder = Path(Settings().home).expanduser() / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        return open(folder / f"pathflow-server-{port}.log", "w+b")  # noqa: SIM115 (closed in stop())
+    except Exception:
+        return tempfile.TemporaryFile()
+
+
 def launch_server() -> tuple[subprocess.Popen, str]:
     """Start ``uvicorn prefect.server.api.server:create_app`` on a free loopback port (SQLite in
     PREFECT_HOME, as Prefect's ephemeral mode does) and return at once: (process, api_url). It boots
-    while the caller goes on (importing PyTorch, say); ``wait_healthy`` waits for it."""
+    while the caller goes on (importing PyTorch, say); ``wait_healthy`` waits for it.
+
+    Its output goes to a file, not the terminal: stopped in the middle of a request (the command
+    interrupted), uvicorn prints a traceback that is no failure of the run. The file's tail is shown
+    when the server fails to start; a file left non-empty is kept for a look later."""
     import prefect
 
     port = _free_port()
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
+    out = _server_log(port)
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
          "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
          "--lifespan", "on"],
-        env=env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+        env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=_die_with_parent)
+    proc.pathflow_log = out  # type: ignore[attr-defined]
     _PROCS.append(proc)
     return proc, f"http://127.0.0.1:{port}/api"
 
@@ -66,16 +92,36 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 60.0) -> Non
     with httpx.Client() as client:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
+                tail = _tail(proc)
                 stop(proc)
                 raise PathflowError(f"the temporary Prefect server exited with code {proc.returncode}; "
-                                    "set PREFECT_API_URL to a running server instead")
+                                    f"set PREFECT_API_URL to a running server instead{tail}")
             with contextlib.suppress(httpx.HTTPError):
                 if client.get(f"{url}/health", timeout=2).status_code == 200:
                     return
             time.sleep(0.1)
+    tail = _tail(proc)
     stop(proc)
     raise PathflowError(f"the temporary Prefect server did not answer within {timeout:.0f} s; "
-                        "set PREFECT_API_URL to a running server instead")
+                        f"set PREFECT_API_URL to a running server instead{tail}")
+
+
+def _tail(proc: subprocess.Popen) -> str:
+    """The end of a launched server's own output, a few indented lines ('' when it wrote none)."""
+    f = getattr(proc, "pathflow_log", None)
+    if f is None or f.closed:
+        return ""
+    with contextlib.suppress(OSError):
+        f.flush()
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - _TAIL_CHARS))
+        # the lines a person reads (the error and uvicorn's verdict), not a traceback's frames
+        lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines()
+                 if ln.strip() and not ln[:1].isspace() and not ln.startswith("Traceback")]
+        if lines:
+            where = f" (all of it in {f.name})" if isinstance(f.name, str) else ""
+            return f"\nits last output{where}:\n" + "\n".join("  " + ln[:300] for ln in lines[-3:])
+    return ""
 
 
 def check_prefect_env(reach: bool = False) -> None:
@@ -137,6 +183,16 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    f = getattr(proc, "pathflow_log", None)
+    if f is not None and not f.closed:
+        with contextlib.suppress(OSError):
+            empty = f.seek(0, os.SEEK_END) == 0
+            f.close()
+            if isinstance(f.name, str):
+                if empty:
+                    os.unlink(f.name)
+                else:
+                    log.debug("the temporary Prefect server's output is in %s", f.name)
     if proc in _PROCS:
         _PROCS.remove(proc)
 

@@ -585,6 +585,34 @@ def test_a_check_that_fails_after_the_server_launched_stops_it(demo_cfg, tmp_pat
     assert not store.exists()
 
 
+def test_the_temporary_servers_own_output_goes_to_a_file_not_the_terminal(tmp_path, monkeypatch, capfd):
+    """uvicorn prints a traceback when stopped mid-request (a run interrupted): none of its output
+    reaches the terminal. A server that cannot start is one error with its last lines and the file
+    that holds the rest; a server that wrote nothing leaves no file."""
+    from flows import server
+    from pathflow.errors import PathflowError
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    proc, url = server.launch_server()
+    server.wait_healthy(proc, url)
+    server.stop(proc)
+    assert list((home / "logs").iterdir()) == []
+
+    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/no-such-dir/p.db")
+    proc, url = server.launch_server()
+    with pytest.raises(PathflowError) as e:
+        server.wait_healthy(proc, url)
+    msg = str(e.value)
+    assert "exited with code" in msg and "unable to open database file" in msg and "Traceback" not in msg
+    (kept,) = (home / "logs").iterdir()
+    assert str(kept) in msg and "Traceback" in kept.read_text()  # the whole of it, for a look later
+    assert proc.poll() is not None and proc not in server._PROCS
+    seen = capfd.readouterr()
+    assert "Traceback" not in seen.out + seen.err and "unable to open" not in seen.out + seen.err
+
+
 @pytest.mark.parametrize("how", ["SIGINT-group", "SIGINT", "SIGTERM", "SIGKILL"])
 def test_interrupts_end_the_run_promptly_as_resumable(how, demo_dir, tmp_path):
     from .conftest import clean_env
