@@ -854,12 +854,11 @@ def replay_nodes(model, saes: dict[int, SAE], input_ids: torch.Tensor, state: Pr
 def _replay_chunk(model, saes, input_ids, acts, chunk, q, prefix, targets, decision, top, out) -> None:
     """``replay_nodes`` for the nodes ``chunk`` at position q, as one batch (row 0 the baseline), into ``out``."""
     from .model import joining_rows, run_from
+    from .replay import edit_deltas
 
     chunk = sorted(chunk, key=lambda k: k[1])  # row 0 the unedited baseline; a row joins at its node's layer
-    by_layer: dict[int, list[torch.Tensor]] = {}
-    for k in chunk:
-        by_layer.setdefault(k[1], []).append(-acts[k] * saes[k[1]].decoder_direction(k[3]))
-    edits = joining_rows({l: torch.stack(d) for l, d in by_layer.items()})
+    ablated = [{"layer": k[1], "feature_id": k[3], "activation": acts[k]} for k in chunk]
+    edits = joining_rows(edit_deltas(saes, ablated, [0.0] * len(chunk)))
     with resid_hooks(model, capture={t.layer for t in targets} | {top}, edits=edits) as hs:
         if prefix is None:
             run(model, input_ids)

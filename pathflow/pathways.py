@@ -132,11 +132,13 @@ def phase_a(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, n_layer
 def phase_b(bj: BatchJacobians, k: int, score: str, min_abs_gradient: float) -> dict[str, dict[str, list[dict]]]:
     """Top-k candidates per target and prompt: {feature: {prompt: [records]}}."""
     layer = bj.batch.layer
+    acts = [torch.from_numpy(bj.activation[p]) for p in range(len(bj.prompts))]
+    active = [torch.nonzero(a.flatten()).flatten() for a in acts]  # once per prompt, not per target
     out = {}
     for i, t in enumerate(bj.batch.targets):
         out[t["feature"]] = {
-            prompt: top_candidates(torch.from_numpy(bj.grad[i, p, :layer]), torch.from_numpy(bj.activation[p]),
-                                   list(range(layer)), k, score, min_abs_gradient)
+            prompt: top_candidates(torch.from_numpy(bj.grad[i, p, :layer]), acts[p], list(range(layer)), k, score,
+                                   min_abs_gradient, active[p])
             for p, prompt in enumerate(bj.prompts)
         }
     return out

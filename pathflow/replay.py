@@ -150,10 +150,8 @@ def replay_rows(model, saes, layer: int, features: list[int], rows: list[tuple[i
             rec.update(decision_change=free, decision_change_held=held,
                        decision_share_through_target=(1.0 - held / free) if abs(free) > 1e-9 else None)
         out.append(rec)
-    unsorted: list[dict] = [{}] * n
-    for i, r in enumerate(order):
-        unsorted[r] = out[i]
-    return base_pre.tolist(), unsorted
+    back = sorted(range(n), key=order.__getitem__)  # the inverse permutation: the caller's order
+    return base_pre.tolist(), [out[i] for i in back]
 
 
 VALIDATED = ("validated: the replayed change agrees in sign with the prediction, is at least {noise:.0%} of the "

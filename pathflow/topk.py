@@ -12,10 +12,12 @@ def top_candidates(
     k: int = 25,
     score: str = "attribution",
     min_abs_gradient: float = 0.0,
+    active: torch.Tensor | None = None,
 ) -> list[dict]:
     """Rank upstream features of one target.
 
-    grad, activation: [n_up, d_sae] for upstream ``layers``.
+    grad, activation: [n_up, d_sae] for upstream ``layers``; ``active`` [m]: the flat indices of the
+    nonzero activations, when the caller has them (the same for every target of a prompt).
     score "attribution": |gradient × activation| (what ablating the feature would change);
     score "gradient": |gradient| (the plan's rule), features with |gradient| ≤ min_abs_gradient dropped.
     Returns up to k records, best first: rank, feature, layer, feature_id, gradient,
@@ -25,7 +27,7 @@ def top_candidates(
         return []
     if score == "attribution":  # an off feature cannot be ablated: only the active ones (~100 of 32K) compete
         act = activation.flatten()
-        on = torch.nonzero(act).flatten()
+        on = torch.nonzero(act).flatten() if active is None else active
         g = grad.flatten()[on]
         s = torch.where(g.abs() > min_abs_gradient, (g * act[on]).abs(), torch.full_like(g, -1.0))
         vals, at = torch.topk(s, min(k, s.numel()))

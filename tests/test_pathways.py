@@ -11,6 +11,7 @@ from pathflow.config import ReplayConfig
 from pathflow.jacobian import jacobians
 from pathflow.pathways import phase_a, phase_b, phase_c, plan_batches, shard_batches
 from pathflow.sae import SAEBank
+from pathflow.topk import top_candidates
 from storage.arrays import create_jacobians, open_jacobians, write_rows
 
 
@@ -197,6 +198,28 @@ def test_concurrent_writers_never_lose_rows(tmp_path):
     assert (open_jacobians(path)["grad"][5] == 5).all()
     with pytest.raises(ValueError, match="other targets"):
         create_jacobians(path, ["L1-0"], ["safe", "risky"], 3, 64)
+
+
+def test_phase_b_ranks_each_prompt_among_its_own_active_features():
+    """Step 3B finds each prompt's active features once for all the batch's targets: with prompts whose
+    active features differ, every (target, prompt) ranking equals ``top_candidates`` on that pair alone."""
+    from pathflow.pathways import Batch, BatchJacobians
+
+    g = torch.Generator().manual_seed(5)
+    k, layer, d = 3, 2, 400
+    grad = np.full((k, 2, 4, d), np.nan, np.float32)
+    grad[:, :, :layer] = torch.randn(k, 2, layer, d, generator=g).numpy()
+    act = np.zeros((2, layer, d), np.float32)
+    for p, half in ((0, slice(0, d // 2)), (1, slice(d // 2, d))):  # prompt 0 the first half's features, 1 the other
+        on = torch.rand(layer, d // 2, generator=g) < 0.1
+        act[p, :, half] = (torch.rand(layer, d // 2, generator=g) * on).numpy()
+    batch = Batch("L2-batch0", layer, targets([(2, 7), (2, 8), (2, 9)]))
+    bj = BatchJacobians(batch, ["risky", "safe"], grad, act, np.zeros((k, 2), np.float32), 0.0, {})
+    got = phase_b(bj, k=5, score="attribution", min_abs_gradient=0.0)
+    for i, t in enumerate(batch.targets):
+        for p, prompt in enumerate(bj.prompts):
+            want = top_candidates(torch.from_numpy(grad[i, p, :layer]), torch.from_numpy(act[p]), [0, 1], k=5)
+            assert len(want) == 5 and got[t["feature"]][prompt] == want
 
 
 def test_top_candidates_rank_as_a_brute_force_sort():
