@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
             break
         sync(device)
         ta = time.perf_counter()
-        bj = phase_a(model, saes, prefixes, b, n_layers, device)
+        bj = phase_a(model, saes, prefixes, b, device)
         sync(device)
         tb = time.perf_counter()
         cands = phase_b(bj, k=25, score="attribution", min_abs_gradient=0.0)

@@ -76,7 +76,8 @@ def shard_batches(batches: list[Batch], shards: int) -> list[list[Batch]]:
 class BatchJacobians:
     """Phase A of one batch.
 
-    grad:       [k, prompt, n_layers, d_sae] float32, NaN for layers ≥ the batch's layer
+    grad:       [k, prompt, layer, d_sae] float32, the layers below the batch's (``write_rows`` stores
+                NaN for the rest of a row's n_layers)
     activation: [prompt, n_up, d_sae]  upstream activations at the position (attribution = −grad ⊙ activation)
     """
 
@@ -99,7 +100,7 @@ def _batched(fn, items, backoff: bool, splits: list[int]):
     return [(items, fn(items))]
 
 
-def phase_a(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, n_layers: int, device,
+def phase_a(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, device,
             backoff: bool = True) -> BatchJacobians:
     """Jacobians of a batch on every prompt; halves the batch on out-of-memory if ``backoff``."""
     t0 = time.perf_counter()
@@ -107,8 +108,7 @@ def phase_a(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, n_layer
     layer, k = batch.layer, len(batch.targets)
     prompts = list(prefixes)
     d_sae = saes[layer].d_sae
-    grad = np.empty((k, len(prompts), n_layers, d_sae), np.float32)  # layers below ``layer`` filled below
-    grad[:, :, layer:] = np.nan
+    grad = np.empty((k, len(prompts), layer, d_sae), np.float32)  # every value filled below
     act = np.zeros((len(prompts), layer, d_sae), np.float32)
     pre = np.zeros((k, len(prompts)), np.float32)
     splits: list[int] = []
@@ -119,7 +119,7 @@ def phase_a(model, saes, prefixes: dict[str, PrefixCache], batch: Batch, n_layer
         row = 0
         for sub, tj in _batched(fn, batch.targets, backoff, splits):
             n = len(sub)
-            grad[row : row + n, p, :layer] = tj.grad.cpu().numpy()
+            grad[row : row + n, p] = tj.grad.cpu().numpy()
             pre[row : row + n, p] = tj.pre.cpu().numpy()
             act[p] = tj.activation.cpu().numpy()
             row += n
@@ -137,7 +137,7 @@ def phase_b(bj: BatchJacobians, k: int, score: str, min_abs_gradient: float) -> 
     out = {}
     for i, t in enumerate(bj.batch.targets):
         out[t["feature"]] = {
-            prompt: top_candidates(torch.from_numpy(bj.grad[i, p, :layer]), acts[p], list(range(layer)), k, score,
+            prompt: top_candidates(torch.from_numpy(bj.grad[i, p]), acts[p], list(range(layer)), k, score,
                                    min_abs_gradient, active[p])
             for p, prompt in enumerate(bj.prompts)
         }

@@ -82,12 +82,14 @@ def _rounded(group: zarr.Group, x: np.ndarray) -> np.ndarray:
 
 
 def write_rows(group: zarr.Group, rows: list[int], grad: np.ndarray, valid_layers: int | None = None) -> None:
-    """Write whole target rows (= whole chunks): grad [len(rows), prompt, layer, feature]. With
-    ``valid_layers`` (the rows' target layer), only layers below it are rounded; the rest is NaN.
+    """Write whole target rows (= whole chunks): grad [len(rows), prompt, L, feature], L ≤ the array's
+    layers (phase A holds only the layers below the target's). Only the layers below ``valid_layers``
+    (the rows' target layer; default L) are rounded and stored; the rest of each row is NaN.
     Rounded a (row, prompt) piece at a time: a piece's copies (a few MB) are reused from the heap, where
     a whole batch's (up to 130 MB each, several per rounding) were mapped fresh from the OS every batch."""
-    valid = grad.shape[2] if valid_layers is None else min(valid_layers, grad.shape[2])
-    out = np.empty(grad.shape, np.float32)  # each value written once: NaN above, rounded below
+    n_layers = group["grad"].shape[2]
+    valid = min(grad.shape[2] if valid_layers is None else valid_layers, grad.shape[2], n_layers)
+    out = np.empty((*grad.shape[:2], n_layers, grad.shape[3]), np.float32)  # each value written once
     out[:, :, valid:] = np.nan
     for i in range(grad.shape[0]):
         for p in range(grad.shape[1]):

@@ -131,7 +131,7 @@ def trace_sub_batch(cfg: Config, sub: Batch, max_rows: int | None = None):
     decision = decision_ids(cfg, ctx.tokenizer) if cfg.decision.replay else None
     with _MODEL_LOCK:  # with PATHFLOW_COMPUTE_THREAD=0, batches' threads still take turns
         prefixes = ctx.prefixes()
-        bj = phase_a(ctx.model, ctx.saes, prefixes, sub, ctx.n_layers, ctx.device, backoff=False)
+        bj = phase_a(ctx.model, ctx.saes, prefixes, sub, ctx.device, backoff=False)
         c = phase_b(bj, cfg.topk.k, cfg.topk.score, cfg.topk.min_abs_gradient)
         v = phase_c(ctx.model, ctx.saes, prefixes, sub, c, cfg.replay, backoff=False, max_rows=max_rows,
                     decision=decision)
