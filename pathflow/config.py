@@ -71,6 +71,9 @@ class ModelConfig(_Strict):
     revision: str | None = Field(None, description="the hub revision (branch, tag or commit); null: main")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="the weights' dtype in memory")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    streams: int | None = Field(None, ge=1, le=64, description="on a CPU, independent batches (graph backwards and "
+                                "replays, token reads) run on this many threads, the cores split between them; null: "
+                                "2 on a CPU with 2 or more cores. Always 1 on a GPU")
 
     @field_validator("device")
     @classmethod

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import streams
 from .config import Config
 from .model import DTYPES, PrefixCache, encode_prompt, load_model, n_layers, prefix_cache
 from .sae import SAE, SAEBank
@@ -71,6 +72,7 @@ def _load(cfg: Config, key: str) -> Context:
     model, tok = load_model(cfg.model.name_or_path, cfg.model.revision, cfg.model.dtype, cfg.model.device)
     prompts = load_prompts(cfg.study.prompts)
     device = next(model.parameters()).device
+    streams.configure(cfg.model.streams, device)
     ids = {k: encode_prompt(tok, v, device) for k, v in prompts.items()}
     s, g = cfg.sae, cfg.gradients
     budget = int(g.sae_budget_gb * 2**30) if g.sae_budget_gb else None

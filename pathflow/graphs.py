@@ -677,9 +677,9 @@ def output_weights(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets
     dec = output_gradients(model, saes, input_ids, [decision_output(model, bet, stop, n)], norms=norms)
     dense: dict = {"targets": [], "decision": _flat_rows(node_weights(state, saes, dec), state)[0]}
     values: list[float] = []
-    for _, (g, w) in _weights(model, saes, input_ids, state, targets, lambda t: t.output(), batch_size, norms):
-        dense["targets"].extend(_flat_rows(w, state))
-        values.extend(g.value.tolist())
+    for _, (value, rows) in _weights(model, saes, input_ids, state, targets, lambda t: t.output(), batch_size, norms):
+        dense["targets"].extend(rows)
+        values.extend(value.tolist())
     replayed: dict[Key, dict] = {}
     measured = torch.zeros(flat.m, dtype=torch.bool)
     if replay_top > 0 and flat.m:
@@ -709,16 +709,18 @@ def output_weights(model, saes: dict[int, SAE], input_ids: torch.Tensor, targets
 
 
 def _weights(model, saes, input_ids, state: PromptState, items: list, output, batch_size: int, norms: bool = False):
-    """(sub-batch, (Gradients, NodeWeights)) of ``items`` as outputs (``output(item)``), ``batch_size``
-    rows a backward; a batch that runs out of memory is split in halves, down to one row."""
+    """(sub-batch, (values [rows], ``_flat_rows``)) of ``items`` as outputs (``output(item)``), ``batch_size``
+    rows a backward (on the streams, ``pathflow.streams``); a batch that runs out of memory is split in
+    halves, down to one row. A batch keeps its flat rows only, not its gradients."""
     from .batching import run_with_backoff
+    from .streams import stream_map
 
     def fn(sub):
         g = output_gradients(model, saes, input_ids, [output(x) for x in sub], norms=norms)
-        return g, node_weights(state, saes, g)
+        return g.value, _flat_rows(node_weights(state, saes, g), state)
 
-    for chunk in _batches(items, batch_size):
-        yield from run_with_backoff(fn, chunk)
+    for done in stream_map(lambda chunk: run_with_backoff(fn, chunk), list(_batches(items, batch_size))):
+        yield from done
 
 
 def _pool_weights(model, saes, input_ids, state: PromptState, flat: FlatNodes, pool: torch.Tensor, features: list,
@@ -726,6 +728,7 @@ def _pool_weights(model, saes, input_ids, state: PromptState, flat: FlatNodes, p
     """(sub-batch, [rows, P]) of ``features`` as outputs: their first-order weights on the nodes ``pool``
     (``pool_weights``), ``batch_size`` rows a backward, halved on out-of-memory."""
     from .batching import run_with_backoff
+    from .streams import stream_map
 
     def fn(sub, shared=None):
         outs = [Output(layer=k[1], feature=k[3], pos=k[2]) for k in sub]
@@ -735,13 +738,14 @@ def _pool_weights(model, saes, input_ids, state: PromptState, flat: FlatNodes, p
     # the features at the last position share one forward (most of them: the targets' own position); an
     # earlier one's forward runs only up to its position
     last = input_ids.shape[1] - 1
-    for chunk in _batches([k for k in features if k[2] != last], batch_size):
-        yield from run_with_backoff(fn, chunk)
     at_last = [k for k in features if k[2] == last]
-    if at_last:
-        shared = Forward(model, input_ids, [Output(layer=max(k[1] for k in at_last), feature=0, pos=last)])
-        for chunk in _batches(at_last, batch_size):
-            yield from run_with_backoff(functools.partial(fn, shared=shared), chunk)
+    shared = Forward(model, input_ids, [Output(layer=max(k[1] for k in at_last), feature=0, pos=last)]) \
+        if at_last else None
+    jobs = [(chunk, None) for chunk in _batches([k for k in features if k[2] != last], batch_size)] + \
+        [(chunk, shared) for chunk in _batches(at_last, batch_size)]
+    # backwards of one shared forward may run at once (its graph is retained, and each only reads it)
+    for done in stream_map(lambda job: run_with_backoff(functools.partial(fn, shared=job[1]), job[0]), jobs):
+        yield from done
 
 
 def pool_weights(state: PromptState, saes: dict[int, SAE], grads: Gradients, flat: FlatNodes,
@@ -835,19 +839,23 @@ def replay_nodes(model, saes: dict[int, SAE], input_ids: torch.Tensor, state: Pr
     at a time; a batch that runs out of memory is split in halves."""
     from .batching import run_with_backoff
     from .model import prefix_cache
+    from .streams import stream_map
 
     acts = state.activations
     top = len(decoder_layers(model)) - 1
     out: dict[Key, dict] = {}
+    jobs = []  # (q, the prompt's keys/values before q, nodes): batches of nodes at one position
     for q in sorted({k[2] for k in nodes}):
         at_q = [k for k in nodes if k[2] == q]
         prefix = prefix_cache(model, input_ids, q) if q > 0 else None
+        jobs.extend((q, prefix, part) for part in _batches(at_q, REPLAY_ROWS_PER_OUTPUT * batch_size))
 
-        def one(chunk, q=q, prefix=prefix):
-            _replay_chunk(model, saes, input_ids, acts, chunk, q, prefix, targets, decision, top, out)
+    def one(job) -> None:  # each batch writes its own nodes' records
+        q, prefix, part = job
+        run_with_backoff(lambda chunk: _replay_chunk(model, saes, input_ids, acts, chunk, q, prefix, targets,
+                                                     decision, top, out), part)
 
-        for part in _batches(at_q, REPLAY_ROWS_PER_OUTPUT * batch_size):
-            run_with_backoff(one, part)
+    stream_map(one, jobs)
     return out
 
 

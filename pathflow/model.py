@@ -9,9 +9,9 @@ handle both (``output[0]`` on a tensor would silently take batch row 0).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -136,9 +136,12 @@ def capture_norm_inputs(model, reads: list[tuple[nn.Module, int]], outputs: bool
     computed (in the autograd graph) — in the yielded list, in ``reads``' order (None if it did not run)."""
     store: list = [None] * len(reads)
     handles = []
+    owner = threading.get_ident()  # another thread's forward on the same model (a second stream) passes through
 
     def make(j: int):
         def hook(_mod, inp, out):
+            if threading.get_ident() != owner:
+                return None
             if out.dim() == 3:  # the forward's own call, not logit_difference's on one vector
                 store[j] = out if outputs else inp[0].detach()
 
@@ -206,7 +209,8 @@ def resid_hooks(
     stop_after: int | None = None,
     grad_from_embeddings: bool = False,
 ) -> Iterator[dict[int, torch.Tensor]]:
-    """Hook ``resid_post`` of decoder layers.
+    """Hook ``resid_post`` of decoder layers, for forwards on the calling thread only (another thread's
+    forward on the same model, a second stream, is not seen or changed).
 
     capture: layers whose output [batch, seq, d_model] is stored in the yielded dict (after edits);
     edits: layer -> fn(hidden) -> hidden, applied to that layer's output;
@@ -218,9 +222,12 @@ def resid_hooks(
     store: dict[int, torch.Tensor] = {}
     handles = []
     layers = decoder_layers(model)
+    owner = threading.get_ident()
 
     def make(n: int):
         def hook(_mod, _inp, output):
+            if threading.get_ident() != owner:
+                return None
             h = layer_hidden(output)
             changed = n in edits
             if changed:
@@ -238,6 +245,8 @@ def resid_hooks(
             handles.append(layers[n].register_forward_hook(make(n)))
         if grad_from_embeddings:
             def leaf(_m, _i, out):
+                if threading.get_ident() != owner:
+                    return None
                 store["emb"] = out.detach().requires_grad_(True)
                 return store["emb"]
 
@@ -343,13 +352,58 @@ def prefix_cache(model, input_ids: torch.Tensor, position: int = -1, prompt: str
     return PrefixCache(kv=kv, token=input_ids[:, p : p + 1], position=p, n_tokens=int(input_ids.shape[1]))
 
 
+# The model's attention goes through an implementation of pathflow's, registered as "pathflow+<the
+# model's own>": the model's own (sdpa, eager) unless a forward passes ``pathflow_prefix`` (attend to a
+# shared prefix). A keyword per forward rather than a switch of the shared config for the forward's
+# duration, so that two streams (``pathflow.streams``) can run both kinds of forward on one model at once.
+_DISPATCH = "pathflow+"
+
+
+def _dispatch(base: str):
+    """The attention of implementation ``pathflow+base``."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if kwargs.get("pathflow_prefix") is not None:
+            return _prefix_attention(module, query, key, value, attention_mask, **kwargs)
+        return ALL_ATTENTION_FUNCTIONS.get_interface(base, _eager(module))(module, query, key, value,
+                                                                            attention_mask, **kwargs)
+
+    return attention
+
+
+def _eager(module):
+    """The model's own eager attention (transformers defines one per architecture, beside the module)."""
+    import sys
+
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+_REGISTERED: set[str] = set()
+
+
+def use_pathflow_attention(model) -> None:
+    """Route ``model``'s attention through pathflow's (once; its own stays what every plain forward uses)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    config = model.config
+    base = config._attn_implementation or "eager"
+    if base.startswith(_DISPATCH):
+        return
+    name = _DISPATCH + base
+    if name not in _REGISTERED:
+        AttentionInterface.register(name, _dispatch(base))
+        # a prefix forward's own mask is never read (``_prefix_attention`` masks for itself); the rest is the model's
+        AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[base])
+        _REGISTERED.add(name)
+    config._attn_implementation = name
+
+
 # The rows share one prompt's prefix. Rather than hand transformers a cache of ``rows`` copies of it
 # (its update concatenates, copying rows × prefix keys/values in every layer), the forward runs without
 # a cache and this attention reads the prefix's keys/values once for all rows: the rows are folded
 # into the query dimension, so no tensor is ever expanded over rows.
-_PREFIX_ATTENTION = "pathflow_prefix"
-
-
 def _prefix_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Attention of the new tokens to [cached prefix; themselves (causal)].
 
@@ -386,38 +440,12 @@ def _prefix_attention(module, query, key, value, attention_mask, scaling, dropou
     return out.reshape(rows, heads, q, hd).transpose(1, 2).contiguous(), None
 
 
-def _no_mask(*_args, **_kwargs):
-    return None  # _prefix_attention masks for itself
-
-
-@functools.cache
-def _register_prefix_attention() -> None:
-    """Make ``_prefix_attention`` known to transformers, once per process."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(_PREFIX_ATTENTION, _prefix_attention)
-    AttentionMaskInterface.register(_PREFIX_ATTENTION, _no_mask)
-
-
-@contextmanager
-def _attention(model, name: str):
-    """The model's attention implementation set to ``name`` for one forward (model work is serialised)."""
-    _register_prefix_attention()
-    config = model.config
-    before = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
-
 
 def _forward_against(model, prefix: PrefixCache, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
     """Forward ``input_ids`` [rows, q] at ``positions`` [rows, q], attending to the prefix shared by all rows."""
+    use_pathflow_attention(model)
     try:
-        with _attention(model, _PREFIX_ATTENTION):
-            model.model(input_ids=input_ids, position_ids=positions, use_cache=False, pathflow_prefix=prefix.kv)
+        model.model(input_ids=input_ids, position_ids=positions, use_cache=False, pathflow_prefix=prefix.kv)
     except _StopForward:
         pass
 

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
@@ -225,6 +226,7 @@ class SAEBank:
         self.root, self.pattern, self.threshold, self.revision = root, pattern, threshold, revision
         self.device, self.dtype, self.budget_bytes = device, dtype, budget_bytes
         self._cache: OrderedDict[int, SAE] = OrderedDict()
+        self._lock = threading.Lock()  # streams (``pathflow.streams``) ask at once: one load, one eviction at a time
         self.loads = 0  # how many times a layer was read from disk (for tests and logs)
 
     @staticmethod
@@ -232,6 +234,10 @@ class SAEBank:
         return sum(t.numel() * t.element_size() for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
 
     def __getitem__(self, layer: int) -> SAE:
+        with self._lock:
+            return self._get(layer)
+
+    def _get(self, layer: int) -> SAE:
         if layer in self._cache:
             self._cache.move_to_end(layer)
             return self._cache[layer]

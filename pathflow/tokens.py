@@ -120,23 +120,29 @@ def feature_reads(model, saes, tokenizer, texts: list[str], features: list[tuple
     0 to its maximum.
     """
     from .model import resid_hooks, run_masked
+    from .streams import stream_map
 
     readers = readers if readers is not None else [list(range(len(features)))] * len(texts)
     best: list[list[tuple[float, int, int, list[float]]]] = [[] for _ in features]
     active: list[list[torch.Tensor]] = [[] for _ in features]
     n_tokens = [0] * len(features)
     enc = [tokenizer(t).input_ids[:max_tokens] for t in texts]
+    for t, x in enumerate(enc):
+        for j in readers[t]:
+            n_tokens[j] += len(x)
     device = next(model.parameters()).device
     # texts in order of the deepest layer reading them, then length: a batch runs only as deep as its
     # readers need, and pads little
     order = sorted(range(len(texts)), key=lambda t: (max((features[j][0] for j in readers[t]), default=-1),
                                                      len(enc[t]), t))
-    for start, end in _budget_batches([len(enc[t]) for t in order], batch_size, token_budget):
-        which = order[start:end]  # the batch's texts, as indices into ``texts``
+
+    def read(batch: tuple[int, int]) -> list[tuple[int, torch.Tensor, list]]:
+        """One batch of texts: (feature j, its active values, its top hits) for each feature reading it."""
+        which = order[batch[0]:batch[1]]  # the batch's texts, as indices into ``texts``
         chunk = [enc[t] for t in which]
         involved = sorted({j for t in which for j in readers[t]})
         if not involved:
-            continue
+            return []
         width = max(len(x) for x in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
         mask = torch.zeros_like(ids, dtype=torch.bool)
@@ -144,11 +150,10 @@ def feature_reads(model, saes, tokenizer, texts: list[str], features: list[tuple
         for i, x in enumerate(chunk):
             ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), True
             reads[i, readers[which[i]]] = True
-            for j in readers[which[i]]:
-                n_tokens[j] += len(x)
         layers = sorted({features[j][0] for j in involved})
         with resid_hooks(model, capture=set(layers), stop_after=max(layers)) as hs:
             run_masked(model, ids.to(device), mask.long().to(device))
+        found = []
         for layer in layers:
             js = [j for j in involved if features[j][0] == layer]
             sae, fids = saes[layer], torch.tensor([features[j][1] for j in js], device=device)
@@ -160,12 +165,20 @@ def feature_reads(model, saes, tokenizer, texts: list[str], features: list[tuple
                 on = a[a > 0]
                 if not on.numel():
                     continue
-                active[j].append(on)
                 vals, flat = torch.topk(a.flatten(), min(top, on.numel()))
+                hits = []
                 for v, i in zip(vals.tolist(), flat.tolist()):
                     row, p = i // width, i % width
                     lo, hi = max(0, p - window), min(len(chunk[row]), p + window + 1)
-                    best[j].append((v, which[row], p, a[row, lo:hi].tolist()))
+                    hits.append((v, which[row], p, a[row, lo:hi].tolist()))
+                found.append((j, on, hits))
+        return found
+
+    # the batches on the streams (``pathflow.streams``), merged in order
+    for found in stream_map(read, _budget_batches([len(enc[t]) for t in order], batch_size, token_budget)):
+        for j, on, hits in found:
+            active[j].append(on)
+            best[j].extend(hits)
     special = set(tokenizer.all_special_ids)
     out = {}
     for j, f in enumerate(features):
