@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -118,3 +119,65 @@ def stream_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     if errors:
         raise errors[0]
     return results
+
+
+# -- whole calls on a stream: the pathways step's sub-batches -------------------------------------------
+# Prefect runs the pathways step's batches as mapped tasks on threads of its own; each hands its model work
+# to ``on_stream``: with several streams, to whichever of the long-lived stream threads is free (each with
+# its share of the intra-op threads), so that two batches' Jacobians and replays run at once; with one, to
+# the process's compute thread as before.
+_CALLS: queue.SimpleQueue | None = None
+_CALLS_THREADS = 0  # the intra-op threads ``_CALLS``' servers were started with
+_SERVERS: list[threading.Thread] = []
+
+
+def _serve(q: queue.SimpleQueue, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _LOCAL.inside = True  # a stream_map inside runs inline
+    while True:
+        fut, ctx, fn, args, kwargs = q.get()
+        if not fut.set_running_or_notify_cancel():
+            continue
+        try:
+            fut.set_result(ctx.run(fn, *args, **kwargs))
+        except BaseException as e:  # handed to the caller, which raises it
+            fut.set_exception(e)
+        del fut, ctx, fn, args, kwargs
+
+
+def _calls() -> queue.SimpleQueue:
+    global _CALLS, _CALLS_THREADS
+    with _LOCK:
+        alive = [t for t in _SERVERS if t.is_alive()]
+        if _CALLS is None or len(alive) != _STREAMS or _CALLS_THREADS != _THREADS:
+            if _CALLS is not None:  # reconfigured: the old servers finish what they hold and stop taking calls
+                for _ in alive:
+                    _CALLS.put((_STOP, None, None, None, None))
+            _CALLS, _CALLS_THREADS = queue.SimpleQueue(), _THREADS
+            _SERVERS[:] = [threading.Thread(target=_serve, args=(_CALLS, _THREADS), name=f"pathflow-stream-call-{i}",
+                                            daemon=True) for i in range(_STREAMS)]
+            for t in _SERVERS:
+                t.start()
+        return _CALLS
+
+
+class _Stop:
+    def set_running_or_notify_cancel(self) -> bool:
+        raise SystemExit  # ends the server thread quietly
+
+
+_STOP = _Stop()
+
+
+def run_on_stream(fn: Callable[..., R], /, *args, **kwargs) -> R:
+    """``fn(*args, **kwargs)`` on a free stream (the caller waits, with its context variables); with one
+    stream, on the process's compute thread (``pathflow.compute_thread``); on a stream already, inline."""
+    from .compute_thread import run_on_compute_thread
+
+    if getattr(_LOCAL, "inside", False):
+        return fn(*args, **kwargs)
+    if _STREAMS <= 1:
+        return run_on_compute_thread(fn, *args, **kwargs)
+    fut: Future = Future()
+    _calls().put((fut, contextvars.copy_context(), fn, args, kwargs))
+    return fut.result()

@@ -11,6 +11,7 @@ at once. Model work is tagged ``gpu`` so a tag concurrency limit can cap it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -30,6 +31,7 @@ from pathflow.graphs import decision_ids
 from pathflow.pathways import Batch, activation_writer, phase_a, phase_b, phase_c
 from pathflow.preflight import prompt_positions
 from pathflow.replay import validated_sentence
+from pathflow.streams import run_on_stream, streams
 from pathflow.study import load_prompts, model_layers, sae_width
 from storage.arrays import chunk_keys, create_jacobians, open_jacobians, write_activation, write_rows
 
@@ -39,9 +41,17 @@ OOM_RETRIES = 6  # 64 -> 1 in six halvings
 FAIL_ENV = "PATHFLOW_FAIL_BATCH"  # debugging aid: comma-separated batch names that raise (failure-handling tests)
 PLAN = "pathways/plan.json"
 JACOBIANS = "jacobians.zarr"
-_MODEL_LOCK = threading.Lock()  # hooks live on the shared model: one batch at a time per process
-# a sub-batch computed and not yet written holds its Jacobians: one being written while the next is computed
-_IN_FLIGHT = threading.BoundedSemaphore(2)
+_MODEL_LOCK = threading.Lock()  # one stream: one batch's model work at a time per process
+# a sub-batch computed and not yet written holds its Jacobians: one being written while the others are computed
+_IN_FLIGHT: threading.BoundedSemaphore | None = None
+
+
+def _in_flight() -> threading.BoundedSemaphore:
+    global _IN_FLIGHT
+    with _MODEL_LOCK:
+        if _IN_FLIGHT is None:
+            _IN_FLIGHT = threading.BoundedSemaphore(streams() + 1)
+        return _IN_FLIGHT
 
 
 def done_marker(batch_name: str) -> str:
@@ -123,13 +133,18 @@ def retry_on_oom(task, task_run, state) -> bool:
     return False
 
 
-@on_compute_thread
 def trace_sub_batch(cfg: Config, sub: Batch, max_rows: int | None = None):
-    """Phases A (Jacobians), B (top-k) and C (replay) of one sub-batch, on the compute thread:
-    (BatchJacobians, candidates, validated)."""
+    """Phases A (Jacobians), B (top-k) and C (replay) of one sub-batch, on a stream (``pathflow.streams``:
+    on a CPU two batches at once, each on one core; else the compute thread): (BatchJacobians, candidates,
+    validated)."""
+    return run_on_stream(_trace_sub_batch, cfg, sub, max_rows)
+
+
+def _trace_sub_batch(cfg: Config, sub: Batch, max_rows: int | None = None):
     ctx = get_context(cfg)
     decision = decision_ids(cfg, ctx.tokenizer) if cfg.decision.replay else None
-    with _MODEL_LOCK:  # with PATHFLOW_COMPUTE_THREAD=0, batches' threads still take turns
+    # with one stream and PATHFLOW_COMPUTE_THREAD=0, batches' threads still take turns
+    with _MODEL_LOCK if streams() == 1 else contextlib.nullcontext():
         prefixes = ctx.prefixes()
         bj = phase_a(ctx.model, ctx.saes, prefixes, sub, ctx.device, backoff=False)
         c = phase_b(bj, cfg.topk.k, cfg.topk.score, cfg.topk.min_abs_gradient)
@@ -185,7 +200,7 @@ def batch_pathways(cfg: Config, store_url: str, run_id: str, batch: Batch) -> di
     for j, part in enumerate(chunks(batch.targets, size)):
         interrupt.check()
         sub = Batch(name=f"{batch.name}.{j}", layer=batch.layer, targets=list(part))
-        with _IN_FLIGHT:
+        with _in_flight():
             bj, c, v = trace_sub_batch(cfg, sub, max_rows=size if attempt > 1 else None)
             group = open_jacobians(run.zarr_store(JACOBIANS))
             rows = [t["index"] for t in sub.targets]

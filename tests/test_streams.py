@@ -161,3 +161,33 @@ def test_graphs_and_reads_on_two_streams_equal_one(ctx, n_streams):
         assert [m["value"] for m in reads2[f]["maxima"]] == pytest.approx([m["value"] for m in r["maxima"]], rel=1e-5)
         assert r["histogram"]["n_tokens"] == reads2[f]["histogram"]["n_tokens"]
         assert r["histogram"]["n_active"] == reads2[f]["histogram"]["n_active"]
+
+
+def test_calls_on_streams_run_two_at_once_each_on_its_share_of_the_cores(n_streams):
+    """``run_on_stream`` (the pathways step's sub-batches): two callers' calls run at the same time on
+    stream threads of one intra-op thread each; an error comes back to its caller; with one stream the
+    call runs on the compute thread."""
+    n_streams(2)
+    both = threading.Barrier(2, timeout=30)  # passes only if the two calls run at once
+
+    def call(x):
+        both.wait()
+        return x, threading.current_thread().name, torch.get_num_threads()
+
+    out = []
+    callers = [threading.Thread(target=lambda x=x: out.append(streams.run_on_stream(call, x))) for x in (1, 2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert sorted(x for x, _, _ in out) == [1, 2]
+    assert all(name.startswith("pathflow-stream-call") and threads == 1 for _, name, threads in out)
+    assert len({name for _, name, _ in out}) == 2
+
+    def fail():
+        raise ValueError("in a stream")
+
+    with pytest.raises(ValueError, match="in a stream"):
+        streams.run_on_stream(fail)
+    n_streams(1)
+    assert streams.run_on_stream(lambda: threading.current_thread().name) == "pathflow-compute"
