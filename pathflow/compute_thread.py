@@ -11,6 +11,9 @@ to use OpenMP, and the 1,536-feature demo study's graphs step took 16.5 s agains
 (docs/benchmarks.md, stop 30, has the side-by-side runs; at the real shapes, whose operators are
 larger, the gain was small).
 
+(The pathways step's sub-batches now go to ``pathflow.streams``: on a CPU, two long-lived threads of one
+OpenMP thread each, so the teams still hold no more threads than there are cores; with one stream, here.)
+
 ``on_compute_thread`` runs a function on one long-lived thread of the process instead, the caller
 waiting for it: one OpenMP team whatever thread (Prefect's or the main one) asks. The caller's
 context variables go with the call, so Prefect's run context (its logger, ``prefect.runtime``)

@@ -22,7 +22,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TypeVar
 
 import torch
@@ -32,9 +32,12 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 _LOCK = threading.Lock()
+_CONFIGURED = False  # ``configure`` has run in this process (the context does, when it loads the model)
 _STREAMS = 1
 _THREADS = 1  # intra-op threads of each stream
-_POOL: ThreadPoolExecutor | None = None
+# PyTorch's default for a thread's intra-op threads: a stream thread setting its own also changes it for
+# threads started later, so it is put back once the streams have started
+_DEFAULT_THREADS = torch.get_num_threads()
 _LOCAL = threading.local()  # .inside: this thread is running a stream's item
 
 
@@ -46,17 +49,14 @@ def default_streams(device: torch.device) -> int:
 def configure(streams: int | None, device: torch.device) -> int:
     """Run ``stream_map`` on ``streams`` streams from now on (None: ``default_streams``); 1 on a GPU.
     Each stream gets an equal share of the process's intra-op threads. Returns the number set."""
-    global _STREAMS, _THREADS, _POOL
+    global _STREAMS, _THREADS, _CONFIGURED
     n = default_streams(device) if streams is None else streams
     if device.type != "cpu":
         n = 1
     with _LOCK:
-        cores = torch.get_num_threads()  # the process's intra-op threads (its cores, unless set otherwise)
+        cores = _DEFAULT_THREADS  # the process's intra-op threads (its cores, unless set otherwise)
         n = max(1, min(n, cores))
-        if n != _STREAMS and _POOL is not None:
-            _POOL.shutdown(wait=True)
-            _POOL = None
-        _STREAMS, _THREADS = n, max(1, cores // n)
+        _STREAMS, _THREADS, _CONFIGURED = n, max(1, cores // n), True
     if n > 1:
         log.debug("%d streams of %d intra-op thread(s) each", n, _THREADS)
     return n
@@ -66,23 +66,14 @@ def streams() -> int:
     return _STREAMS
 
 
-def _helper_init(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(_STREAMS - 1, thread_name_prefix="pathflow-stream",
-                                       initializer=_helper_init, initargs=(_THREADS,))
-        return _POOL
+def configured() -> bool:
+    return _CONFIGURED
 
 
 def stream_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
-    """``[fn(x) for x in items]``, the items taken in order by whichever stream is free; the results in
-    the items' order. The first exception stops the streams taking more items and is raised here once
-    the items in hand are done. Inside an item (or with one stream) it is the plain loop."""
+    """``[fn(x) for x in items]`` on the streams, the items taken in order by whichever stream is free; the
+    results in the items' order. The first exception stops the streams taking more items and is raised here
+    once the items in hand are done. Inside an item (or with one stream) it is the plain loop."""
     n = min(_STREAMS, len(items))
     if n <= 1 or getattr(_LOCAL, "inside", False):
         return [fn(x) for x in items]
@@ -92,30 +83,26 @@ def stream_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     take = threading.Lock()
 
     def work() -> None:
-        _LOCAL.inside = True
-        try:
-            while not errors:
-                with take:
-                    i = next(next_item, None)
-                if i is None:
-                    return
-                try:
-                    results[i] = fn(items[i])
-                except BaseException as e:  # handed to the caller
-                    errors.append(e)
-        finally:
-            _LOCAL.inside = False
+        while not errors:
+            with take:
+                i = next(next_item, None)
+            if i is None:
+                return
+            try:
+                results[i] = fn(items[i])
+            except BaseException as e:  # handed to the caller
+                errors.append(e)
 
-    pool = _pool()
-    helpers: list[Future] = [pool.submit(contextvars.copy_context().run, work) for _ in range(n - 1)]
-    before = torch.get_num_threads()
-    torch.set_num_threads(_THREADS)
+    calls = _calls()
+    waiting = [Future() for _ in range(n)]
+    for fut in waiting:
+        calls.put((fut, contextvars.copy_context(), work, (), {}))
     try:
-        work()
-    finally:
-        for h in helpers:
-            h.result()
-        torch.set_num_threads(before)
+        for fut in waiting:
+            fut.result()
+    except BaseException as e:  # the caller interrupted: the streams take no more items
+        errors.append(e)
+        raise
     if errors:
         raise errors[0]
     return results
@@ -131,8 +118,10 @@ _CALLS_THREADS = 0  # the intra-op threads ``_CALLS``' servers were started with
 _SERVERS: list[threading.Thread] = []
 
 
-def _serve(q: queue.SimpleQueue, threads: int) -> None:
+def _serve(q: queue.SimpleQueue, threads: int, started: threading.Barrier) -> None:
+    torch.get_num_threads()  # PyTorch's first use in a thread sets its default: before ours, not over it
     torch.set_num_threads(threads)
+    started.wait()
     _LOCAL.inside = True  # a stream_map inside runs inline
     while True:
         fut, ctx, fn, args, kwargs = q.get()
@@ -154,10 +143,13 @@ def _calls() -> queue.SimpleQueue:
                 for _ in alive:
                     _CALLS.put((_STOP, None, None, None, None))
             _CALLS, _CALLS_THREADS = queue.SimpleQueue(), _THREADS
-            _SERVERS[:] = [threading.Thread(target=_serve, args=(_CALLS, _THREADS), name=f"pathflow-stream-call-{i}",
-                                            daemon=True) for i in range(_STREAMS)]
+            started = threading.Barrier(_STREAMS + 1)
+            _SERVERS[:] = [threading.Thread(target=_serve, args=(_CALLS, _THREADS, started), daemon=True,
+                                            name=f"pathflow-stream-{i}") for i in range(_STREAMS)]
             for t in _SERVERS:
                 t.start()
+            started.wait()
+            torch.set_num_threads(_DEFAULT_THREADS)  # the default for threads started later, as it was
         return _CALLS
 
 

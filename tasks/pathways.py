@@ -22,7 +22,7 @@ from prefect.cache_policies import NONE
 
 from pathflow import interrupt
 from pathflow.batching import batch_size_for_attempt, chunks, is_oom
-from pathflow.compute_thread import on_compute_thread
+from pathflow.compute_thread import on_compute_thread, run_on_compute_thread
 from pathflow.config import Config
 from pathflow.context import get_context
 from pathflow.envvars import BATCH_DELAY_S
@@ -31,6 +31,7 @@ from pathflow.graphs import decision_ids
 from pathflow.pathways import Batch, activation_writer, phase_a, phase_b, phase_c
 from pathflow.preflight import prompt_positions
 from pathflow.replay import validated_sentence
+from pathflow.streams import configured as streams_configured
 from pathflow.streams import run_on_stream, streams
 from pathflow.study import load_prompts, model_layers, sae_width
 from storage.arrays import chunk_keys, create_jacobians, open_jacobians, write_activation, write_rows
@@ -137,6 +138,8 @@ def trace_sub_batch(cfg: Config, sub: Batch, max_rows: int | None = None):
     """Phases A (Jacobians), B (top-k) and C (replay) of one sub-batch, on a stream (``pathflow.streams``:
     on a CPU two batches at once, each on one core; else the compute thread): (BatchJacobians, candidates,
     validated)."""
+    if not streams_configured():  # the context sets the streams as it loads: before the first batch is handed out
+        run_on_compute_thread(get_context, cfg)
     return run_on_stream(_trace_sub_batch, cfg, sub, max_rows)
 
 
