@@ -2,13 +2,16 @@
 
 On a CPU, PyTorch splits each operator over the process's cores. A graph's replays and backwards, or
 a batch of texts read for the tokens step, are many mid-sized operators with Python between them,
-and two cores split those poorly: at the real shapes on a 2-core machine, a batch of kept features'
-backwards took 8.1 s on one stream of two intra-op threads against 6.9 s on two streams of one each
-(docs/benchmarks.md, stop 33). ``stream_map`` runs independent items on ``n`` streams instead — the
-calling thread and ``n − 1`` long-lived helper threads, the cores split between them — and returns
-the results in the items' order. Each item is a whole batch (its own forward, its hooks, its
-out-of-memory back-off); the model is shared read-only, and ``model.resid_hooks`` and the prefix
-attention are per thread, so two streams' forwards do not see each other's hooks.
+and two cores split those poorly: at the real shapes on a 2-core machine, one prompt's kept features'
+backwards took 22.3 s on two streams of one intra-op thread each against 29.8 s on one stream of two, its
+replays 11.3 s against 15.1 s, and the pathways step 81 s against 100 s (docs/benchmarks.md, stop 33).
+
+``stream_map`` runs independent items on ``n`` long-lived stream threads instead, the cores split
+between them, and returns the results in the items' order; ``run_on_stream`` runs one whole call on a
+free stream (the pathways step's sub-batches, handed over by Prefect's task threads). Each item is a
+whole batch (its own forward, its hooks, its out-of-memory back-off); the model is shared read-only, and
+``model.resid_hooks`` and the prefix attention are per thread, so two streams' forwards do not see each
+other's hooks.
 
 On a GPU there is one stream: kernels are queued in order whatever thread sends them.
 ``configure`` sets the number for the process (``model.streams`` in the config; the context calls it).
