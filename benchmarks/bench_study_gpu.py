@@ -1,7 +1,7 @@
 """The study's model work at the real shapes with random weights, on one device: phases A (Jacobians),
 B (top-k) and C (replay) over 1,550 targets in layers 1–31 on two prompts, the tokens step's one-pass
-read and the graphs step's whole-prompt graphs of a few targets, with 32 distinct 32K-wide SAEs in bf16
-(preset llama31-8b). Prints seconds per phase, peak memory
+read, the graphs step's whole-prompt graphs of a few targets and the contrast step on those graphs, with
+32 distinct 32K-wide SAEs in bf16 (preset llama31-8b). Prints seconds per phase, peak memory
 and the projected full run; JSON last.
 
     python benchmarks/bench_study_gpu.py --preset llama31-8b --budget-s 240   # a GPU (H100/H200)
@@ -31,11 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pathways import PRESETS, make_model, make_sae, peak_memory, sync  # noqa: E402
 
 from pathflow.config import ReplayConfig  # noqa: E402
+from pathflow.contrast import align, contrast_run  # noqa: E402
 from pathflow.demo import _corpus, _game_prompt, _tokenizer  # noqa: E402
-from pathflow.graphs import Target, answer_id, bos_positions, prompt_graphs  # noqa: E402
+from pathflow.graphs import Target, answer_id, bos_positions, prompt_graphs, sparse_arrays  # noqa: E402
 from pathflow.model import prefix_cache  # noqa: E402
 from pathflow.pathways import phase_a, phase_b, phase_c, plan_batches  # noqa: E402
-from pathflow.tokens import feature_reads, reading_plan  # noqa: E402
+from pathflow.tokens import feature_reads, reading_plan, token_text  # noqa: E402
 
 STUDY = {"llama31-8b": {"targets": 1550, "batch": 32}, "cpu-small": {"targets": 70, "batch": 8}}
 
@@ -136,29 +137,54 @@ def main(argv=None) -> dict:
     graphed = sorted(targets, key=lambda t: -t["layer"])[:: max(1, n_targets // max(1, args.graph_targets))]
     graphed = graphed[: args.graph_targets]
     bet, stop = answer_id(tok, "1", "bet"), answer_id(tok, "2", "stop")
-    from pathflow.config import AttributionConfig, GraphsConfig
+    from pathflow.config import AttributionConfig, ContrastConfig, GraphsConfig
 
-    def time_graphs(method: str, replay_top: int) -> tuple[float, list[int]]:
-        """Seconds of the graphs step for ``graphed`` on both prompts, and the graphs' node counts."""
+    def time_graphs(method: str, replay_top: int, keep: dict | None = None) -> tuple[float, list[int]]:
+        """Seconds of the graphs step for ``graphed`` on both prompts, and the graphs' node counts;
+        ``keep``: filled with each prompt's ``graphs.zarr`` arrays (what the contrast step reads)."""
         sync(device)
         tg = time.perf_counter()
         nodes = []
-        for v in ids.values():
+        for name, v in ids.items():
             chosen = [Target(t["feature"], t["layer"], t["feature_id"], int(v.shape[1]) - 1) for t in graphed]
-            _, graphs, _ = prompt_graphs(model, {l: saes[l] for l in range(max(t.layer for t in chosen) + 1)}, v,
-                                         chosen, bet, stop, max_nodes=200, batch_size=GraphsConfig().batch_size,
-                                         method=method, replay_top=replay_top,
-                                         first=bos_positions(tok, v, GraphsConfig().zero_bos))
+            up_to = {l: saes[l] for l in range(max(t.layer for t in chosen) + 1)}
+            state, graphs, dense = prompt_graphs(model, up_to, v, chosen, bet, stop, max_nodes=200,
+                                                 batch_size=GraphsConfig().batch_size, method=method,
+                                                 replay_top=replay_top,
+                                                 first=bos_positions(tok, v, GraphsConfig().zero_bos))
             nodes += [len(g.nodes) for g in graphs]
-            del graphs
+            if keep is not None:
+                keep[name] = sparse_arrays(state, dense)
+            del state, graphs, dense
         sync(device)
         return time.perf_counter() - tg, nodes
 
     # first order and no replay before pruning (the old default), then the default attribution
     first_s, _ = time_graphs("gradient", 0)
     default = AttributionConfig()
-    graphs_s, graph_nodes = time_graphs(default.method, default.replay_top)
+    arrays: dict[str, dict] = {}
+    graphs_s, graph_nodes = time_graphs(default.method, default.replay_top, arrays)
     per_target = graphs_s / max(1, len(graphed))  # both prompts
+
+    # the contrast step on those graphs (default config): each target's difference, the differing spans
+    # swapped and its strongest features patched across, both ways
+    cc = ContrastConfig()
+    a, b = cc.prompts
+    special = set(tok.all_special_ids)
+    al = align((a, b), tuple([token_text(tok, int(i)) for i in ids[p][0]] for p in (a, b)),
+               (ids[a][0].tolist(), ids[b][0].tolist()),
+               first_alone=int(ids[a][0, 0]) in special and int(ids[b][0, 0]) in special)
+    specs = [{"feature": t["feature"], "layer": t["layer"], "feature_id": t["feature_id"], "direction": "risky"}
+             for t in graphed]
+    sync(device)
+    tc = time.perf_counter()
+    records, _ = contrast_run(model, {l: saes[l] for l in range(max(t["layer"] for t in graphed) + 1)}, al, ids,
+                              arrays, {p: [t["feature"] for t in graphed] for p in (a, b)}, specs,
+                              {p: int(ids[p].shape[1]) - 1 for p in (a, b)}, (bet, stop), ReplayConfig(), cc.top,
+                              cc.patch_top, cc.batch_size)
+    sync(device)
+    contrast_s = time.perf_counter() - tc
+    contrast_per_target = contrast_s / max(1, len(records))
 
     result = {
         "preset": args.preset,
@@ -173,7 +199,9 @@ def main(argv=None) -> dict:
                                                    "graph_targets": len(graphed), "graph_nodes": graph_nodes,
                                                    "graphs_first_order": first_s,
                                                    "attribution": f"{default.method}+replay{default.replay_top}",
-                                                   "attribution_cost_ratio": graphs_s / max(first_s, 1e-9)},
+                                                   "attribution_cost_ratio": graphs_s / max(first_s, 1e-9),
+                                                   "contrast": contrast_s, "contrast_targets": len(records),
+                                                   "contrast_spans": len(al.spans)},
                     "per_target_by_layer": {l: (cost[l]["a"] + cost[l]["b"] + cost[l]["c"]) / cost[l]["targets"]
                                             for l in layers if cost[l]["targets"]}},
         "projected_full_run_seconds": {"phase_a": projected["a"], "phase_b": projected["b"],
@@ -181,7 +209,9 @@ def main(argv=None) -> dict:
                                        "total": sum(projected.values()) + tokens_projected,
                                        "graphs_per_target_both_prompts": per_target,
                                        "graphs_32_targets": 32 * per_target,
-                                       "graphs_every_target": n_targets * per_target},
+                                       "graphs_every_target": n_targets * per_target,
+                                       # linear in targets: its span swaps are shared, so an upper bound
+                                       "contrast_32_targets": 32 * contrast_per_target},
         "peak_memory_bytes": peak_memory(device),
     }
     print(json.dumps(result, indent=2))

@@ -39,3 +39,6 @@ def test_study_gpu_benchmark_runs_its_code_path_on_a_cpu():
     assert m["graph_targets"] == 2 and m["graphs"] > 0 and len(m["graph_nodes"]) == 4
     assert all(n > 2 for n in m["graph_nodes"])
     assert proj["graphs_every_target"] == pytest.approx(14 * proj["graphs_per_target_both_prompts"])
+    # the contrast step on those graphs: both targets' records, the prompts' differing spans swapped
+    assert m["contrast_targets"] == 2 and m["contrast"] > 0 and m["contrast_spans"] >= 1
+    assert proj["contrast_32_targets"] == pytest.approx(16 * m["contrast"])
