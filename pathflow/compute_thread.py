@@ -43,7 +43,9 @@ _QUEUE: queue.SimpleQueue | None = None
 _THREAD: threading.Thread | None = None
 
 
-def _serve(q: queue.SimpleQueue) -> None:
+def serve_calls(q: queue.SimpleQueue) -> None:
+    """Run the calls put on ``q`` (future, context, fn, args, kwargs) one after another, forever; each call's
+    result or error goes to its future. The loop of the compute thread and of each stream thread."""
     while True:
         fut, ctx, fn, args, kwargs = q.get()
         if not fut.set_running_or_notify_cancel():
@@ -60,7 +62,7 @@ def _queue() -> queue.SimpleQueue:
     with _LOCK:
         if _THREAD is None or not _THREAD.is_alive():
             _QUEUE = queue.SimpleQueue()
-            _THREAD = threading.Thread(target=_serve, args=(_QUEUE,), name="pathflow-compute", daemon=True)
+            _THREAD = threading.Thread(target=serve_calls, args=(_QUEUE,), name="pathflow-compute", daemon=True)
             _THREAD.start()
         return _QUEUE
 

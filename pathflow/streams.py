@@ -30,6 +30,8 @@ from typing import TypeVar
 
 import torch
 
+from .compute_thread import run_on_compute_thread, serve_calls
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
@@ -126,15 +128,7 @@ def _serve(q: queue.SimpleQueue, threads: int, started: threading.Barrier) -> No
     torch.set_num_threads(threads)
     started.wait()
     _LOCAL.inside = True  # a stream_map inside runs inline
-    while True:
-        fut, ctx, fn, args, kwargs = q.get()
-        if not fut.set_running_or_notify_cancel():
-            continue
-        try:
-            fut.set_result(ctx.run(fn, *args, **kwargs))
-        except BaseException as e:  # handed to the caller, which raises it
-            fut.set_exception(e)
-        del fut, ctx, fn, args, kwargs
+    serve_calls(q)
 
 
 def _calls() -> queue.SimpleQueue:
@@ -167,7 +161,6 @@ _STOP = _Stop()
 def run_on_stream(fn: Callable[..., R], /, *args, **kwargs) -> R:
     """``fn(*args, **kwargs)`` on a free stream (the caller waits, with its context variables); with one
     stream, on the process's compute thread (``pathflow.compute_thread``); on a stream already, inline."""
-    from .compute_thread import run_on_compute_thread
 
     if getattr(_LOCAL, "inside", False):
         return fn(*args, **kwargs)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "llm-addiction"
 
@@ -129,3 +131,23 @@ def require(*paths: str) -> None:
     missing = [p for p in paths if not (Path(p).exists() or shutil.which(p))]
     if missing:
         (pytest.fail if os.environ.get("CI") else pytest.skip)(f"missing {', '.join(missing)} (.ci/run installs it)")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random 3-layer, 32-wide LLaMA: the model tests' own (no demo bundle needed)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def assert_same_graphs(one, two, dense_one, dense_two) -> None:
+    """Two runs of ``prompt_graphs`` gave the same graphs: nodes, edges, replays and the dense weights."""
+    for a, b in zip(one, two, strict=True):
+        assert a.nodes == b.nodes and a.edges.keys() == b.edges.keys()
+        assert all(b.edges[e] == pytest.approx(w, rel=1e-4, abs=1e-6) for e, w in a.edges.items())
+        assert a.replay.keys() == b.replay.keys()
+        assert all(b.replay[k]["actual"] == pytest.approx(v["actual"], rel=1e-4, abs=1e-6) for k, v in a.replay.items())
+    assert torch.allclose(torch.stack([r["weight"] for r in dense_one["targets"]]),
+                          torch.stack([r["weight"] for r in dense_two["targets"]]), atol=1e-6)

@@ -26,6 +26,8 @@ from pathflow.graphs import (
 from pathflow.jacobian import jacobians, target_pre
 from pathflow.model import resid_hooks, run
 
+from .conftest import assert_same_graphs
+
 BET, STOP = 18, 19  # "1" and "2" in the demo tokenizer (checked below)
 
 
@@ -466,13 +468,7 @@ def test_graph_batches_halve_on_out_of_memory(ctx, monkeypatch, caplog):
         _, split, dense_split = prompt_graphs(ctx.model, saes, ids, targets, BET, STOP, max_nodes=20, batch_size=8)
     halvings = [r.getMessage() for r in caplog.records if "out of memory on a batch" in r.getMessage()]
     assert any("batch of 3" in m for m in halvings) and any("batch of 8" in m for m in halvings)  # targets, nodes
-    for a, b in zip(whole, split):
-        assert a.nodes == b.nodes and a.edges.keys() == b.edges.keys()
-        assert all(b.edges[e] == pytest.approx(w, rel=1e-4, abs=1e-6) for e, w in a.edges.items())
-        assert a.replay.keys() == b.replay.keys()
-        assert all(b.replay[k]["actual"] == pytest.approx(v["actual"], rel=1e-4, abs=1e-6) for k, v in a.replay.items())
-    assert torch.allclose(torch.stack([r["weight"] for r in dense["targets"]]),
-                          torch.stack([r["weight"] for r in dense_split["targets"]]), atol=1e-6)
+    assert_same_graphs(whole, split, dense, dense_split)
 
 
 def test_blocks_by_position_hold_each_entry_once_at_its_position():

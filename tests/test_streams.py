@@ -6,23 +6,16 @@ import time
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from pathflow import streams
 from pathflow.graphs import Target, prompt_graphs
 from pathflow.model import prefix_cache, resid_hooks, resid_post, run, run_last
 from pathflow.tokens import feature_reads
 
+from .conftest import assert_same_graphs
+
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2], [4, 4, 8, 1, 0, 6]])
 BET, STOP = 18, 19  # "1" and "2" in the demo tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture
@@ -147,13 +140,7 @@ def test_graphs_and_reads_on_two_streams_equal_one(ctx, n_streams):
                                 token_budget=64))
     (_, one, dense1), reads1 = got[1]
     (_, two, dense2), reads2 = got[2]
-    for a, b in zip(one, two):
-        assert a.nodes == b.nodes and a.edges.keys() == b.edges.keys()
-        assert all(b.edges[e] == pytest.approx(w, rel=1e-4, abs=1e-6) for e, w in a.edges.items())
-        assert a.replay.keys() == b.replay.keys()
-        assert all(b.replay[k]["actual"] == pytest.approx(v["actual"], rel=1e-4, abs=1e-6) for k, v in a.replay.items())
-    assert torch.allclose(torch.stack([r["weight"] for r in dense1["targets"]]),
-                          torch.stack([r["weight"] for r in dense2["targets"]]), atol=1e-6)
+    assert_same_graphs(one, two, dense1, dense2)
     assert reads1.keys() == reads2.keys()
     for f, r in reads1.items():
         assert [(m["text"], m["position"]) for m in r["maxima"]] == \
