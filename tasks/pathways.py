@@ -47,8 +47,16 @@ _MODEL_LOCK = threading.Lock()  # one stream: one batch's model work at a time p
 _IN_FLIGHT: threading.BoundedSemaphore | None = None
 
 
-def _in_flight() -> threading.BoundedSemaphore:
+def _load_streams(cfg: Config) -> None:
+    """The context sets the streams as it loads: load it (once) before anything is sized by them."""
+    if not streams_configured():
+        run_on_compute_thread(get_context, cfg)
+
+
+def _in_flight(cfg: Config) -> threading.BoundedSemaphore:
+    """Sub-batches computed or being written at once: the streams, and one more being written."""
     global _IN_FLIGHT
+    _load_streams(cfg)  # not under the lock: with one stream the compute thread may be waiting for it
     with _MODEL_LOCK:
         if _IN_FLIGHT is None:
             _IN_FLIGHT = threading.BoundedSemaphore(streams() + 1)
@@ -138,8 +146,7 @@ def trace_sub_batch(cfg: Config, sub: Batch, max_rows: int | None = None):
     """Phases A (Jacobians), B (top-k) and C (replay) of one sub-batch, on a stream (``pathflow.streams``:
     on a CPU two batches at once, each on one core; else the compute thread): (BatchJacobians, candidates,
     validated)."""
-    if not streams_configured():  # the context sets the streams as it loads: before the first batch is handed out
-        run_on_compute_thread(get_context, cfg)
+    _load_streams(cfg)
     return run_on_stream(_trace_sub_batch, cfg, sub, max_rows)
 
 
@@ -203,7 +210,7 @@ def batch_pathways(cfg: Config, store_url: str, run_id: str, batch: Batch) -> di
     for j, part in enumerate(chunks(batch.targets, size)):
         interrupt.check()
         sub = Batch(name=f"{batch.name}.{j}", layer=batch.layer, targets=list(part))
-        with _in_flight():
+        with _in_flight(cfg):
             bj, c, v = trace_sub_batch(cfg, sub, max_rows=size if attempt > 1 else None)
             group = open_jacobians(run.zarr_store(JACOBIANS))
             rows = [t["index"] for t in sub.targets]

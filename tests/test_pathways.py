@@ -247,3 +247,22 @@ def test_top_candidates_rank_as_a_brute_force_sort():
                 li = layers.index(c["layer"])
                 assert c["attribution"] == pytest.approx(-float(grad[li, c["feature_id"]] * act[li, c["feature_id"]]))
                 assert c["feature"] == f"L{c['layer']}-{c['feature_id']}"
+
+
+def test_sub_batches_in_flight_are_sized_by_the_streams_the_context_sets(monkeypatch):
+    """The first batch of a fresh process sizes its in-flight limit only once the context has set the streams
+    (streams + 1), not from the unset default of one stream."""
+    from pathflow import streams
+    from tasks import pathways as task
+
+    monkeypatch.setattr(streams, "_CONFIGURED", False)
+    monkeypatch.setattr(streams, "_STREAMS", 1)
+    monkeypatch.setattr(streams, "_THREADS", 1)
+    monkeypatch.setattr(streams, "_DEFAULT_THREADS", 2)
+    monkeypatch.setattr(task, "_IN_FLIGHT", None)
+    loads = []
+    monkeypatch.setattr(task, "get_context", lambda cfg: loads.append(cfg) or streams.configure(2, torch.device("cpu")))
+    sem = task._in_flight("cfg")
+    assert loads == ["cfg"] and streams.streams() == 2
+    assert sem._initial_value == 3
+    assert task._in_flight("cfg") is sem and loads == ["cfg"]  # loaded and sized once
