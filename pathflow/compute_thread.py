@@ -44,17 +44,17 @@ _THREAD: threading.Thread | None = None
 
 
 def serve_calls(q: queue.SimpleQueue) -> None:
-    """Run the calls put on ``q`` (future, context, fn, args, kwargs) one after another, forever; each call's
-    result or error goes to its future. The loop of the compute thread and of each stream thread."""
-    while True:
-        fut, ctx, fn, args, kwargs = q.get()
+    """Run the calls put on ``q`` (future, context, fn, args, kwargs) one after another until a ``None``;
+    each call's result or error goes to its future. The loop of the compute thread and of each stream thread."""
+    while (call := q.get()) is not None:
+        fut, ctx, fn, args, kwargs = call
         if not fut.set_running_or_notify_cancel():
             continue
         try:
             fut.set_result(ctx.run(fn, *args, **kwargs))
         except BaseException as e:  # handed to the caller, which raises it
             fut.set_exception(e)
-        del fut, ctx, fn, args, kwargs  # nothing of a finished call kept alive while waiting for the next
+        del call, fut, ctx, fn, args, kwargs  # nothing of a finished call kept alive while waiting for the next
 
 
 def _queue() -> queue.SimpleQueue:

@@ -72,8 +72,8 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="the weights' dtype in memory")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     streams: int | None = Field(None, ge=1, le=64, description="on a CPU, independent batches (graph backwards and "
-                                "replays, token reads) run on this many threads, the cores split between them; null: "
-                                "2 on a CPU with 2 or more cores. Always 1 on a GPU")
+                                "replays, token reads, pathways sub-batches) run on this many threads, the cores "
+                                "split between them; null: 2 on a CPU with 2 or more cores. Always 1 on a GPU")
 
     @field_validator("device")
     @classmethod

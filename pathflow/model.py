@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -374,8 +375,6 @@ def _dispatch(base: str):
 
 def _eager(module):
     """The model's own eager attention (transformers defines one per architecture, beside the module)."""
-    import sys
-
     return sys.modules[type(module).__module__].eager_attention_forward
 
 

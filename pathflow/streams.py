@@ -138,7 +138,7 @@ def _calls() -> queue.SimpleQueue:
         if _CALLS is None or len(alive) != _STREAMS or _CALLS_THREADS != _THREADS:
             if _CALLS is not None:  # reconfigured: the old servers finish what they hold and stop taking calls
                 for _ in alive:
-                    _CALLS.put((_STOP, None, None, None, None))
+                    _CALLS.put(None)
             _CALLS, _CALLS_THREADS = queue.SimpleQueue(), _THREADS
             started = threading.Barrier(_STREAMS + 1)
             _SERVERS[:] = [threading.Thread(target=_serve, args=(_CALLS, _THREADS, started), daemon=True,
@@ -150,18 +150,9 @@ def _calls() -> queue.SimpleQueue:
         return _CALLS
 
 
-class _Stop:
-    def set_running_or_notify_cancel(self) -> bool:
-        raise SystemExit  # ends the server thread quietly
-
-
-_STOP = _Stop()
-
-
 def run_on_stream(fn: Callable[..., R], /, *args, **kwargs) -> R:
     """``fn(*args, **kwargs)`` on a free stream (the caller waits, with its context variables); with one
     stream, on the process's compute thread (``pathflow.compute_thread``); on a stream already, inline."""
-
     if getattr(_LOCAL, "inside", False):
         return fn(*args, **kwargs)
     if _STREAMS <= 1:

@@ -145,8 +145,7 @@ def retry_on_oom(task, task_run, state) -> bool:
 def trace_sub_batch(cfg: Config, sub: Batch, max_rows: int | None = None):
     """Phases A (Jacobians), B (top-k) and C (replay) of one sub-batch, on a stream (``pathflow.streams``:
     on a CPU two batches at once, each on one core; else the compute thread): (BatchJacobians, candidates,
-    validated)."""
-    _load_streams(cfg)
+    validated). The caller has sized its sub-batches in flight (``_in_flight``), and so set the streams."""
     return run_on_stream(_trace_sub_batch, cfg, sub, max_rows)
 
 

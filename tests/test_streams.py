@@ -178,3 +178,18 @@ def test_calls_on_streams_run_two_at_once_each_on_its_share_of_the_cores(n_strea
         streams.run_on_stream(fail)
     n_streams(1)
     assert streams.run_on_stream(lambda: threading.current_thread().name) == "pathflow-compute"
+
+
+def test_new_streams_replace_the_old_stream_threads(n_streams, monkeypatch):
+    """Streams configured again with another share of the cores start new stream threads; the old ones
+    finish and stop (none left waiting for calls)."""
+    monkeypatch.setattr(streams, "_DEFAULT_THREADS", 2)
+    n_streams(2)
+    assert streams.run_on_stream(torch.get_num_threads) == 1
+    old = list(streams._SERVERS)
+    monkeypatch.setattr(streams, "_DEFAULT_THREADS", 4)
+    n_streams(2)
+    assert streams.run_on_stream(torch.get_num_threads) == 2
+    for t in old:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in old) and all(t.is_alive() for t in streams._SERVERS)
