@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _PROCS: list[subprocess.Popen] = []  # running servers of this process, for stop_all()
 _TAIL_CHARS = 2000  # of the server's own output, shown when it fails to start
+_STOPPED: set[str] = set()  # API URLs of temporary servers this process has stopped
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -216,6 +217,7 @@ def prefect_api(early: tuple[subprocess.Popen, str] | None = None) -> Iterator[s
         yield None
         return
     proc, url = early or launch_server()
+    _no_logs_to_stopped_servers()
     try:
         wait_healthy(proc, url)
         # no heartbeats: they tell a lasting server that a run's process died; this server dies with
@@ -227,6 +229,30 @@ def prefect_api(early: tuple[subprocess.Popen, str] | None = None) -> Iterator[s
                 _drain()  # send queued logs and events while the server still answers
     finally:
         stop(proc)
+        _STOPPED.add(url)
+
+
+def used_temporary_server() -> bool:
+    """This process started (and has stopped) a temporary server: Prefect's sends still queued at its exit
+    have nowhere to go."""
+    return bool(_STOPPED)
+
+
+def _no_logs_to_stopped_servers() -> None:
+    """Prefect logs emitted after a temporary server stopped (a task thread still unwinding after Ctrl-C,
+    a late record on the main thread) are shown on the console but not queued for the API: queued, they
+    held the process's exit ~1 min while Prefect's client retried the dead server, or, with no API URL
+    left, made Prefect boot an ephemeral server of its own just to send them."""
+    from prefect.logging.handlers import APILogWorker, set_api_log_sink
+    from prefect.settings import PREFECT_API_URL
+
+    def sink(record: dict) -> None:
+        url = PREFECT_API_URL.value()  # the emitting thread's own setting
+        if _STOPPED and (url is None or url in _STOPPED):
+            return
+        APILogWorker.instance().send(record)
+
+    set_api_log_sink(sink)
 
 
 def _drain(timeout: float = 5.0) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import threading
+import time
 
 from pathflow.errors import PathflowError
 
@@ -30,10 +32,39 @@ def console_main() -> None:
     half a million objects alone took 1.2 s."""
     CONSOLE[0] = True
     _bound_malloc_arenas()
+    code = 1
     try:
         main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        raise
     finally:
         gc.freeze()
+        server = sys.modules.get("flows.server")
+        if server is not None and server.used_temporary_server():
+            _bound_exit(code)
+
+
+EXIT_DRAIN_S = 2.0  # after the command has returned: nothing of pathflow's is left to finish
+
+
+def _bound_exit(code: int, seconds: float = EXIT_DRAIN_S) -> None:
+    """End the process ``seconds`` from now if the interpreter's exit is still waiting. The command used a
+    temporary Prefect server and has stopped it; what Prefect still has queued at exit (events, a task
+    thread's last state report after Ctrl-C) can never be delivered, and its client retries a dead server
+    for ~1 min (2 + 4 + … + 32 s) before the process may end. Everything pathflow writes is written."""
+
+    def cut() -> None:
+        time.sleep(seconds)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001  a closed pipe: nothing more to say
+                pass
+        os._exit(code)
+
+    threading.Thread(target=cut, name="pathflow-exit", daemon=True).start()
 
 
 def _bound_malloc_arenas(arenas: int = 2) -> None:

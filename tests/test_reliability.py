@@ -655,6 +655,58 @@ def test_interrupts_end_the_run_promptly_as_resumable(how, demo_dir, tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
+_LATE_SENDS = """
+import sys, time
+from prefect import flow, get_run_logger
+import typer
+from flows import server
+from pathflow_cli import console_main
+from pathflow_cli.common import app
+
+server._drain = lambda timeout=5.0: None  # as when the drain's timeout passed on a loaded machine
+held = {}
+
+@flow
+def probe():
+    held["logger"] = get_run_logger()
+    held["logger"].info("sent while the server answers")
+    time.sleep(3)  # the log worker sends it: its client has now connected once, so it retries
+    for i in range(3):
+        held["logger"].info("still queued when the server stops %d", i)
+
+@app.command("probe")
+def probe_cmd():
+    with server.prefect_api():
+        probe()
+    held["logger"].info("a record after the server stopped")  # no API URL left in this thread
+    print("done", time.monotonic(), flush=True)
+    raise typer.Exit(3)
+
+sys.argv = ["pathflow", "probe"]
+console_main()
+"""
+
+
+def test_prefect_sends_left_after_the_temporary_server_stopped_do_not_hold_the_exit(tmp_path):
+    """CI once saw a Ctrl-C'd run print its resume line and then not exit for over a minute: Prefect's
+    at-exit drain was retrying logs queued before the temporary server stopped (2 + 4 + ... + 32 s), and
+    a record logged after it would have booted an ephemeral server of Prefect's own to send it. Measured
+    without the fix: 67.8 s to exit; with it: the bound (2 s)."""
+    from .conftest import clean_env
+
+    script = tmp_path / "late_sends.py"
+    script.write_text(_LATE_SENDS)
+    r = subprocess.run([sys.executable, str(script)], env=clean_env(PYTHONPATH=str(Path(__file__).parents[1])),
+                       capture_output=True, text=True, timeout=240)
+    end = time.monotonic()
+    done = [line for line in r.stdout.splitlines() if line.startswith("done ")]
+    assert done, r.stdout + r.stderr
+    took = end - float(done[0].split()[1])
+    assert r.returncode == 3, r.stdout + r.stderr  # the command's own exit code, kept
+    assert took < 20, f"the process took {took:.1f} s to exit after its command returned"
+    assert "Starting temporary server" not in r.stdout + r.stderr  # no ephemeral server booted for a late record
+
+
 def test_token_reads_are_bounded_whatever_the_texts(ctx):
     from pathflow.tokens import _budget_batches, activation_maxima
 
