@@ -217,7 +217,6 @@ def prefect_api(early: tuple[subprocess.Popen, str] | None = None) -> Iterator[s
         yield None
         return
     proc, url = early or launch_server()
-    _no_logs_to_stopped_servers()
     try:
         wait_healthy(proc, url)
         # no heartbeats: they tell a lasting server that a run's process died; this server dies with
@@ -229,6 +228,8 @@ def prefect_api(early: tuple[subprocess.Popen, str] | None = None) -> Iterator[s
                 _drain()  # send queued logs and events while the server still answers
     finally:
         stop(proc)
+        if not _STOPPED:
+            _no_logs_to_stopped_servers()
         _STOPPED.add(url)
 
 
@@ -239,16 +240,16 @@ def used_temporary_server() -> bool:
 
 
 def _no_logs_to_stopped_servers() -> None:
-    """Prefect logs emitted after a temporary server stopped (a task thread still unwinding after Ctrl-C,
-    a late record on the main thread) are shown on the console but not queued for the API: queued, they
-    held the process's exit ~1 min while Prefect's client retried the dead server, or, with no API URL
-    left, made Prefect boot an ephemeral server of its own just to send them."""
+    """Installed at the first stop: Prefect logs emitted after a temporary server stopped (a task thread
+    still unwinding after Ctrl-C, a late record on the main thread) are shown on the console but not queued
+    for the API: queued, they held the process's exit ~1 min while Prefect's client retried the dead server,
+    or, with no API URL left, made Prefect boot an ephemeral server of its own just to send them."""
     from prefect.logging.handlers import APILogWorker, set_api_log_sink
     from prefect.settings import PREFECT_API_URL
 
     def sink(record: dict) -> None:
         url = PREFECT_API_URL.value()  # the emitting thread's own setting
-        if _STOPPED and (url is None or url in _STOPPED):
+        if url is None or url in _STOPPED:
             return
         APILogWorker.instance().send(record)
 
